@@ -1,0 +1,440 @@
+"""The agent: policy -> kernel -> events -> actions, in that one direction.
+
+It owns the running state (which workload has which kernel index and cgroups, which is
+quarantined) and the loop that reads kernel records. Everything it decides becomes an
+event first; actions follow the event that caused them."""
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from agent import actions, cgroups
+from agent.events import Destination, Event, EventBus, EventKind, ProcessInfo
+from agent.events.process import describe_process
+from agent.kernel.loader import PORT_ANY, AllowEntry, KernelPrograms
+from agent.kernel.records import Kind, KernelRecord, Verdict
+from agent.kernel.sockets import InetSocket, destroy_socket, process_sockets
+from agent.policy import Policy, PolicyError, Workload, load_policy
+
+log = logging.getLogger("egress_warden")
+
+_PROTOCOL_NAMES = {socket.IPPROTO_TCP: "tcp", socket.IPPROTO_UDP: "udp", socket.IPPROTO_ICMP: "icmp",
+                   socket.IPPROTO_ICMPV6: "icmpv6", socket.IPPROTO_RAW: "raw"}
+_HOOK_NAMES = {Kind.CONNECT: "connect", Kind.SENDMSG: "sendmsg", Kind.SOCK_CREATE: "sock_create",
+               Kind.BACKSTOP: "egress"}
+_LOST_CHECK_SECONDS = 1.0
+
+
+@dataclass
+class RunningWorkload:
+    spec: Workload
+    index: int
+    cgroup: Path  # egress-warden/NAME: where `warden run` and discovery put processes
+    unit_cgroup: Path | None = None  # the systemd unit's own cgroup, once it exists
+    quarantined: bool = False
+    bound_ids: set[int] = field(default_factory=set)
+
+    @property
+    def cgroup_dirs(self) -> list[Path]:
+        return [p for p in (self.cgroup, self.unit_cgroup) if p is not None]
+
+    def contains(self, path: Path) -> bool:
+        return any(cgroups.is_within(path, root) for root in self.cgroup_dirs)
+
+
+def allow_entries(spec: Workload) -> list[AllowEntry]:
+    """The kernel allowlist of a workload: one entry per cidr rule and port."""
+    return [
+        AllowEntry(rule.network(), rule.protocol, port)
+        for rule in spec.allow
+        if rule.kind == "cidr"
+        for port in (rule.ports or (PORT_ANY,))
+    ]
+
+
+def destination_allowed(spec: Workload, ip: str, port: int, protocol: str) -> bool:
+    """The kernel's rule, for sockets judged in user space (adoption)."""
+    addr = ipaddress.ip_address(ip)
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
+        addr = addr.ipv4_mapped
+    return any(
+        rule.kind == "cidr"
+        and addr in rule.network()
+        and rule.protocol in ("any", protocol)
+        and (not rule.ports or port in rule.ports)
+        for rule in spec.allow
+    )
+
+
+class Agent:
+    def __init__(self, policy_path: Path, state_dir: Path, bus: EventBus) -> None:
+        self.policy_path = Path(policy_path)
+        self.state_dir = Path(state_dir)
+        self.bus = bus
+        self.policy: Policy | None = None
+        self.kernel: KernelPrograms | None = None
+        self.workloads: dict[str, RunningWorkload] = {}
+        self._lock = threading.RLock()
+        self._stop = threading.Event()
+        self._reload_wanted = threading.Event()
+        self._lost_reported = 0
+        self._joined_by_agent: dict[int, str] = {}
+        self._cgroup_root = cgroups.cgroup2_root()
+        self._never_adopt = {os.getpid(), *(p.pid for p in psutil.Process().parents())}
+
+    # --- life cycle -------------------------------------------------------------------
+
+    def start(self) -> float:
+        """Load the policy, compile and attach the programs, adopt running processes.
+        Returns the seconds from start to enforcing."""
+        started = time.monotonic()
+        policy = load_policy(self.policy_path)  # PolicyError: nothing to enforce, refuse to start
+        self.kernel = KernelPrograms()
+        self.kernel.on_record(self._on_record)
+        with self._lock:
+            self._apply(policy)
+        seconds = time.monotonic() - started
+        log.info("enforcing %d workload(s) after %.2f s (programs compiled and loaded in %.2f s)",
+                 len(self.workloads), seconds, self.kernel.load_seconds)
+        self._publish(Event(EventKind.AGENT_STARTED, detail={
+            "startup_seconds": round(seconds, 3), "compile_seconds": round(self.kernel.load_seconds, 3),
+            "pid": os.getpid(), "cgroup_root": str(self._cgroup_root)}))
+        return seconds
+
+    def run(self) -> None:
+        next_check = 0.0
+        while not self._stop.is_set():
+            self.kernel.poll(100)
+            if self._reload_wanted.is_set():
+                self._reload_wanted.clear()
+                self.reload()
+            if time.monotonic() >= next_check:
+                next_check = time.monotonic() + _LOST_CHECK_SECONDS
+                with self._lock:
+                    self._report_lost_records()
+                    self._attach_new_unit_cgroups()
+        self._publish(Event(EventKind.AGENT_STOPPED, detail={
+            "enforcement": "left attached: workloads stay enforced until the agent returns"}))
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def request_reload(self) -> None:
+        self._reload_wanted.set()
+
+    def reload(self) -> bool:
+        """Apply the policy file again. An invalid policy is refused and the one in force stays."""
+        try:
+            policy = load_policy(self.policy_path)
+        except PolicyError as e:
+            self._publish(Event(EventKind.POLICY_REJECTED, detail={
+                "path": str(self.policy_path), "problems": [str(p) for p in e.problems],
+                "in_force": self.policy.path if self.policy else None}))
+            log.error("policy %s rejected; the previous policy stays in force:\n%s", self.policy_path, e)
+            return False
+        with self._lock:
+            self._apply(policy)
+        return True
+
+    # --- policy -> kernel ------------------------------------------------------------
+
+    def _apply(self, policy: Policy) -> None:
+        wanted = {w.name: w for w in policy.workloads}
+        for name in [n for n in self.workloads if n not in wanted]:
+            self._retire(self.workloads.pop(name))
+        for spec in policy.workloads:
+            self._enforce(spec)
+        self.kernel.set_discovery(any(w.match.exe or w.match.cmdline for w in policy.workloads))
+        self.policy = policy
+        self._publish(Event(EventKind.POLICY_LOADED, detail={
+            "path": policy.path, "notices": list(policy.notices),
+            "workloads": {w.name: {"mode": w.mode, "on_violation": w.on_violation,
+                                   "cgroups": [str(p) for p in self.workloads[w.name].cgroup_dirs]}
+                          for w in policy.workloads}}))
+        for notice in policy.notices:
+            log.warning("%s", notice)
+        self._adopt_matching_processes()
+
+    def _free_index(self) -> int:
+        used = {w.index for w in self.workloads.values()}
+        return next(i for i in range(len(used) + 1) if i not in used)
+
+    def _enforce(self, spec: Workload) -> None:
+        running = self.workloads.get(spec.name)
+        if running is None:
+            running = RunningWorkload(spec, self._free_index(), cgroups.workload_cgroup(spec.name, self._cgroup_root))
+            self.workloads[spec.name] = running
+        running.spec = spec
+        # Allowances first, then the generation bump, so the backstop re-judges sockets
+        # against the new list and nothing allowed by both policies is cut in between.
+        self.kernel.set_listen_ports(running.index, spec.listen)
+        self.kernel.replace_allowlist(running.index, allow_entries(spec))
+        self.kernel.set_workload(running.index, mode=spec.mode, quarantined=running.quarantined)
+        if spec.match.systemd_unit and running.unit_cgroup is None:
+            running.unit_cgroup = cgroups.find_unit_cgroup(spec.match.systemd_unit, self._cgroup_root)
+        for cgroup in running.cgroup_dirs:
+            self._guard_cgroup(running, cgroup)
+
+    def _guard_cgroup(self, running: RunningWorkload, cgroup: Path) -> None:
+        cgroup_id = cgroups.cgroup_id(cgroup)
+        self.kernel.bind_cgroup(cgroup_id, running.index)
+        running.bound_ids.add(cgroup_id)
+        replaced = self.kernel.attach(cgroup)
+        if replaced:
+            log.info("took over %d program(s) an earlier agent attached to %s", replaced, cgroup)
+        self.kernel.add_members(running.index, cgroups.pids(cgroup))
+
+    def _attach_new_unit_cgroups(self) -> None:
+        for running in self.workloads.values():
+            unit = running.spec.match.systemd_unit
+            if unit and running.unit_cgroup is None:
+                running.unit_cgroup = cgroups.find_unit_cgroup(unit, self._cgroup_root)
+                if running.unit_cgroup is not None:
+                    self._guard_cgroup(running, running.unit_cgroup)
+
+    def _retire(self, running: RunningWorkload) -> None:
+        """A workload gone from the policy: its processes are no longer guarded."""
+        for cgroup in running.cgroup_dirs:
+            if running.quarantined and cgroup.exists():
+                cgroups.thaw(cgroup)
+            self.kernel.detach(cgroup)
+        for cgroup_id in running.bound_ids:
+            self.kernel.unbind_cgroup(cgroup_id)
+        self.kernel.deactivate_workload(running.index)
+
+    # --- discovery ---------------------------------------------------------------------
+
+    def _adopt_matching_processes(self) -> None:
+        for proc in psutil.process_iter(["pid", "exe", "cmdline"]):
+            self._maybe_adopt(proc.info["pid"], proc.info["exe"], proc.info["cmdline"])
+
+    def _maybe_adopt(self, pid: int, exe: str | None, cmdline: list[str] | None) -> None:
+        if pid in self._never_adopt or not exe:
+            return
+        for running in self.workloads.values():
+            if running.spec.match.matches(exe, " ".join(cmdline or ())):
+                self._adopt(running, pid)
+                return
+
+    def _adopt(self, running: RunningWorkload, pid: int) -> None:
+        try:
+            if running.contains(cgroups.cgroup_of_pid(pid, self._cgroup_root)):
+                return
+            self._joined_by_agent[pid] = "matched the workload's match.exe/match.cmdline"
+            cgroups.move_pid(running.cgroup, pid)
+        except (FileNotFoundError, ProcessLookupError):
+            return  # exited meanwhile
+        self.kernel.add_members(running.index, [pid])
+        self._cut_disallowed_sockets(running, pid)
+
+    def _cut_disallowed_sockets(self, running: RunningWorkload, pid: int) -> None:
+        """Sockets opened before adoption belong to the old cgroup: no hook of the workload
+        sees them, so established ones to destinations not allowed are destroyed."""
+        spec = running.spec
+        try:
+            held = process_sockets(pid)
+        except FileNotFoundError:
+            return
+        for sock in held:
+            if not sock.connected or (sock.local_port in spec.listen and sock.protocol_name == "tcp"):
+                continue
+            if destination_allowed(spec, sock.remote_ip, sock.remote_port, sock.protocol_name):
+                continue
+            enforcing = spec.mode == "enforce"
+            if enforcing:
+                destroy_socket(pid, sock)
+            self._publish(Event(
+                EventKind.SOCKET_DESTROYED if enforcing else EventKind.EGRESS_OBSERVED,
+                workload=spec.name, process=describe_process(pid),
+                destination=self._socket_destination(sock), verdict="deny" if enforcing else "allow",
+                action="socket_destroyed" if enforcing else None,
+                detail={"reason": "established before the process was adopted; destination not allowed"}))
+
+    @staticmethod
+    def _socket_destination(sock: InetSocket) -> Destination:
+        return Destination(sock.remote_ip_unmapped, sock.remote_port, sock.protocol_name)
+
+    # --- kernel records -> events -------------------------------------------------------
+
+    def _on_record(self, record: KernelRecord) -> None:
+        with self._lock:
+            handler = {
+                Kind.EXEC: self._on_exec,
+                Kind.EXIT: self._on_exit,
+                Kind.CGROUP_ATTACH: self._on_cgroup_attach,
+            }.get(record.kind, self._on_verdict)
+            handler(record)
+
+    def _workload_at(self, index: int | None) -> RunningWorkload | None:
+        return next((w for w in self.workloads.values() if w.index == index), None)
+
+    def _on_verdict(self, record: KernelRecord) -> None:
+        running = self._workload_at(record.workload)
+        if running is None:
+            return
+        pid = record.tgid or self._owner_of_socket(running, record)
+        event = Event(
+            EventKind.EGRESS_DENIED if record.verdict == Verdict.DENY else EventKind.EGRESS_OBSERVED,
+            workload=running.spec.name,
+            process=describe_process(pid, comm=record.comm, uid=record.uid) if pid else None,
+            destination=self._record_destination(record),
+            verdict="deny" if record.verdict == Verdict.DENY else "allow",
+            detail=self._verdict_detail(running, record, pid),
+        )
+        self._publish(event)
+        if record.verdict == Verdict.DENY and not running.quarantined:
+            self._respond(running, event)
+
+    @staticmethod
+    def _record_destination(record: KernelRecord) -> Destination | None:
+        if record.kind == Kind.SOCK_CREATE:
+            return None
+        protocol = _PROTOCOL_NAMES.get(record.protocol, str(record.protocol))
+        return Destination(record.address, record.dport or None, protocol)
+
+    def _verdict_detail(self, running: RunningWorkload, record: KernelRecord, pid: int | None) -> dict[str, Any]:
+        detail: dict[str, Any] = {"hook": _HOOK_NAMES[record.kind], "mode": running.spec.mode}
+        if running.quarantined:
+            detail["quarantined"] = True
+        if record.kind == Kind.SOCK_CREATE:
+            detail["reason"] = "raw sockets are refused: they bypass every address check"
+            detail["socket_protocol"] = record.protocol
+        if record.kind == Kind.BACKSTOP:
+            detail["reason"] = "packet of a socket no allowed connect explains (opened before enforcement, or its destination was revoked)"
+            detail["source_port"] = record.sport
+            if not record.tgid:
+                detail["attribution"] = "socket table" if pid else "unknown: no process of the workload holds the socket"
+        return detail
+
+    def _owner_of_socket(self, running: RunningWorkload, record: KernelRecord) -> int | None:
+        """The process holding the socket of a backstop record the hooks never saw."""
+        for cgroup in running.cgroup_dirs:
+            for pid in cgroups.pids(cgroup):
+                try:
+                    held = process_sockets(pid)
+                except (FileNotFoundError, ProcessLookupError):
+                    continue
+                if any(s.local_port == record.sport and s.remote_port == record.dport
+                       and s.remote_ip_unmapped == record.address for s in held):
+                    return pid
+        return None
+
+    def _on_exec(self, record: KernelRecord) -> None:
+        running = self._workload_at(record.workload)
+        if running is not None:
+            self._publish(Event(EventKind.PROCESS_EXEC, workload=running.spec.name,
+                                process=describe_process(record.tgid, comm=record.comm, uid=record.uid),
+                                detail={"filename": record.path}))
+            return
+        try:
+            proc = psutil.Process(record.tgid)
+            self._maybe_adopt(record.tgid, proc.exe(), proc.cmdline())
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            pass
+
+    def _on_exit(self, record: KernelRecord) -> None:
+        running = self._workload_at(record.workload)
+        if running is not None:
+            self._publish(Event(EventKind.PROCESS_EXITED, workload=running.spec.name,
+                                process=ProcessInfo(pid=record.tgid, uid=record.uid, comm=record.comm)))
+
+    def _on_cgroup_attach(self, record: KernelRecord) -> None:
+        moved = record.aux
+        destination = self._cgroup_root / record.path.lstrip("/")
+        writer = {"pid": record.tgid, "comm": record.comm}
+        left = self._workload_at(record.workload)
+        if left is not None and not left.contains(destination):
+            self._on_escape(left, moved, destination, writer)
+            return
+        arrived = next((w for w in self.workloads.values() if w.contains(destination)), None)
+        if arrived is not None and left is None:
+            reason = self._joined_by_agent.pop(moved, None) or f"moved in by {record.comm} ({record.tgid})"
+            self._publish(Event(EventKind.PROCESS_JOINED, workload=arrived.spec.name,
+                                process=describe_process(moved), detail={"cgroup": str(destination), "reason": reason}))
+
+    def _on_escape(self, running: RunningWorkload, pid: int, destination: Path, writer: dict) -> None:
+        enforcing = running.spec.mode == "enforce"
+        returned = False
+        if enforcing:
+            try:
+                self._joined_by_agent[pid] = "returned by the agent after a cgroup escape"
+                cgroups.move_pid(running.cgroup, pid)
+                returned = True
+            except (FileNotFoundError, ProcessLookupError, OSError):
+                pass
+        event = self._publish(Event(
+            EventKind.CGROUP_ESCAPE, workload=running.spec.name, process=describe_process(pid),
+            verdict="deny" if enforcing else "allow",
+            detail={"to_cgroup": str(destination), "writer": writer, "returned_to_workload": returned}))
+        if enforcing:
+            self._respond(running, event)
+
+    # --- actions ------------------------------------------------------------------------
+
+    def _respond(self, running: RunningWorkload, cause: Event) -> None:
+        # Records still queued after a kill find the workload empty: nothing left to act on.
+        if running.spec.mode != "enforce" or not any(cgroups.pids(c) for c in running.cgroup_dirs):
+            return
+        if running.spec.on_violation == "kill":
+            self.kill(running.spec.name, cause=cause)
+        elif running.spec.on_violation == "quarantine":
+            self.quarantine(running.spec.name, cause=cause)
+
+    def _running(self, name: str) -> RunningWorkload:
+        try:
+            return self.workloads[name]
+        except KeyError:
+            raise KeyError(f"no workload named {name!r} in the policy in force") from None
+
+    def kill(self, name: str, cause: Event | None = None) -> Event:
+        with self._lock:
+            running = self._running(name)
+            outcome = actions.kill(running.cgroup_dirs)
+            return self._publish(Event(EventKind.ACTION_KILL, workload=name, action="kill",
+                                       detail={**outcome, **self._cause(cause)}))
+
+    def quarantine(self, name: str, cause: Event | None = None) -> Event:
+        with self._lock:
+            running = self._running(name)
+            # Deny-all in the kernel first: it takes effect at once, freezing takes a moment.
+            running.quarantined = True
+            self.kernel.set_workload(running.index, mode=running.spec.mode, quarantined=True)
+            frozen = actions.freeze(running.cgroup_dirs)
+            evidence = [actions.evidence(pid) for pid in frozen]
+            return self._publish(Event(EventKind.ACTION_QUARANTINE, workload=name, action="quarantine",
+                                       detail={"frozen_pids": frozen, "evidence": evidence, **self._cause(cause)}))
+
+    def release(self, name: str) -> Event:
+        with self._lock:
+            running = self._running(name)
+            running.quarantined = False
+            self.kernel.set_workload(running.index, mode=running.spec.mode, quarantined=False)
+            actions.thaw(running.cgroup_dirs)
+            return self._publish(Event(EventKind.ACTION_RELEASE, workload=name, action="release",
+                                       detail={"pids": sorted(p for c in running.cgroup_dirs for p in cgroups.pids(c))}))
+
+    @staticmethod
+    def _cause(cause: Event | None) -> dict[str, Any]:
+        return {"cause_seq": cause.seq, "cause_kind": cause.kind.value} if cause else {"cause": "operator"}
+
+    # --- bookkeeping ----------------------------------------------------------------------
+
+    def _report_lost_records(self) -> None:
+        lost = self.kernel.lost_records()
+        if lost > self._lost_reported:
+            self._publish(Event(EventKind.EVENTS_LOST, bytes=None, detail={
+                "count": lost - self._lost_reported, "total": lost, "where": "kernel ring buffer full"}))
+            self._lost_reported = lost
+
+    def _publish(self, event: Event) -> Event:
+        return self.bus.publish(event)
+

@@ -1,0 +1,41 @@
+"""Publishes events: stamps seq, time and agent id, then hands each event to every sink
+in order (log file, actions, and later the spool)."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable, TextIO
+
+from agent.events.model import Event
+from agent.events.sequence import SequenceAllocator
+
+Sink = Callable[[Event], None]
+
+
+class EventBus:
+    def __init__(self, agent_id: str, state_dir: Path) -> None:
+        self.agent_id = agent_id
+        self._seq = SequenceAllocator(state_dir)
+        self._sinks: list[Sink] = []
+
+    def subscribe(self, sink: Sink) -> None:
+        self._sinks.append(sink)
+
+    def publish(self, event: Event) -> Event:
+        event.seq = self._seq.next()
+        event.time = time.time()
+        event.agent = self.agent_id
+        for sink in self._sinks:
+            sink(event)
+        return event
+
+
+class JsonLinesSink:
+    """One JSON object per line, flushed per event so a reader never waits on a buffer."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def __call__(self, event: Event) -> None:
+        self._stream.write(event.to_json() + "\n")
+        self._stream.flush()

@@ -1,0 +1,100 @@
+"""The few bpf(2) commands bcc does not offer: listing, attaching and detaching the
+programs on a cgroup by id. They are what lets a restarted agent find and replace the
+attachments of the one before it."""
+from __future__ import annotations
+
+import ctypes
+import os
+import platform
+import struct
+from dataclasses import dataclass
+
+_BPF_SYSCALL = {"x86_64": 321, "aarch64": 280}[platform.machine()]
+_BPF_PROG_ATTACH = 8
+_BPF_PROG_DETACH = 9
+_BPF_PROG_GET_FD_BY_ID = 13
+_BPF_OBJ_GET_INFO_BY_FD = 15
+_BPF_PROG_QUERY = 16
+
+BPF_F_ALLOW_MULTI = 2
+_ATTR_SIZE = 128  # larger than every bpf_attr member used here; the kernel wants the tail zeroed
+_PROG_INFO_SIZE = 232
+_PROG_INFO_NAME = slice(64, 80)
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+
+
+def _bpf(cmd: int, attr: ctypes.Array) -> int:
+    ret = _libc.syscall(_BPF_SYSCALL, cmd, ctypes.byref(attr), ctypes.sizeof(attr))
+    if ret < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"bpf(cmd {cmd}): {os.strerror(err)}")
+    return ret
+
+
+def _attr(fmt: str, *values: int) -> ctypes.Array:
+    buf = ctypes.create_string_buffer(_ATTR_SIZE)
+    struct.pack_into(fmt, buf, 0, *values)
+    return buf
+
+
+@dataclass(frozen=True)
+class AttachedProgram:
+    id: int
+    name: str
+
+
+def attach(prog_fd: int, cgroup_fd: int, attach_type: int) -> None:
+    # ALLOW_MULTI: a child cgroup's own programs cannot replace ours, only add to them.
+    _bpf(_BPF_PROG_ATTACH, _attr("IIII", cgroup_fd, prog_fd, attach_type, BPF_F_ALLOW_MULTI))
+
+
+def detach(prog_fd: int, cgroup_fd: int, attach_type: int) -> None:
+    _bpf(_BPF_PROG_DETACH, _attr("IIII", cgroup_fd, prog_fd, attach_type, 0))
+
+
+def attached_program_ids(cgroup_fd: int, attach_type: int, capacity: int = 64) -> list[int]:
+    ids = (ctypes.c_uint32 * capacity)()
+    attr = _attr("IIIIQI", cgroup_fd, attach_type, 0, 0, ctypes.addressof(ids), capacity)
+    _bpf(_BPF_PROG_QUERY, attr)
+    count = struct.unpack_from("I", attr, 24)[0]
+    return list(ids[:count])
+
+
+def program_fd(prog_id: int) -> int:
+    return _bpf(_BPF_PROG_GET_FD_BY_ID, _attr("I", prog_id))
+
+
+def program_name(prog_fd: int) -> str:
+    info = ctypes.create_string_buffer(_PROG_INFO_SIZE)
+    _bpf(_BPF_OBJ_GET_INFO_BY_FD, _attr("IIQ", prog_fd, _PROG_INFO_SIZE, ctypes.addressof(info)))
+    return info.raw[_PROG_INFO_NAME].split(b"\0", 1)[0].decode()
+
+
+def attached_programs(cgroup_fd: int, attach_type: int) -> list[AttachedProgram]:
+    programs = []
+    for prog_id in attached_program_ids(cgroup_fd, attach_type):
+        try:
+            fd = program_fd(prog_id)
+        except FileNotFoundError:
+            continue  # detached and freed since the query
+        try:
+            programs.append(AttachedProgram(prog_id, program_name(fd)))
+        finally:
+            os.close(fd)
+    return programs
+
+
+def detach_by_id(prog_id: int, cgroup_fd: int, attach_type: int) -> None:
+    fd = program_fd(prog_id)
+    try:
+        detach(fd, cgroup_fd, attach_type)
+    finally:
+        os.close(fd)
+
+
+def program_id(prog_fd: int) -> int:
+    info = ctypes.create_string_buffer(_PROG_INFO_SIZE)
+    _bpf(_BPF_OBJ_GET_INFO_BY_FD, _attr("IIQ", prog_fd, _PROG_INFO_SIZE, ctypes.addressof(info)))
+    return struct.unpack_from("I", info, 4)[0]

@@ -1,0 +1,47 @@
+"""Who could have written the policy file: like sshd's StrictModes, a policy
+that anyone but root could change (directly or by swapping a directory on the
+way to it) is refused, because it decides what a router may reach."""
+from __future__ import annotations
+
+import os
+import shlex
+import stat
+
+GROUP_OR_OTHER_WRITE = 0o022
+
+
+def permission_problems(path: str, file_status: os.stat_result) -> list[str]:
+    """Reasons to refuse the file whose status is file_status, each saying what to run."""
+    reasons = _owner_and_mode_problems(path, file_status, what="")
+    for directory in _directories_leading_to(path):
+        reasons += _owner_and_mode_problems(directory, os.stat(directory), what=f"directory {directory} ")
+    return reasons
+
+
+def _owner_and_mode_problems(path: str, status: os.stat_result, what: str) -> list[str]:
+    reasons = []
+    if status.st_uid != 0:
+        reasons.append(f"{what}is owned by uid {status.st_uid}, not root: run chown root {shlex.quote(path)}")
+    writable = status.st_mode & GROUP_OR_OTHER_WRITE
+    # A sticky directory (like /tmp) lets others add files but not rename or remove ours.
+    sticky_directory = stat.S_ISDIR(status.st_mode) and status.st_mode & stat.S_ISVTX
+    if writable and not sticky_directory:
+        mode = f"mode {stat.S_IMODE(status.st_mode):04o}"
+        if stat.S_ISDIR(status.st_mode):
+            mode += " without the sticky bit"
+        reasons.append(f"{what}is writable by group/others ({mode}): run chmod go-w {shlex.quote(path)}")
+    return reasons
+
+
+def _directories_leading_to(path: str) -> list[str]:
+    """Every directory from the file's up to /, for the path as given and as resolved.
+
+    Both, because whoever can write a directory holding a symlink can repoint it.
+    """
+    directories: dict[str, None] = {}
+    for file_path in (os.path.abspath(path), os.path.realpath(path)):
+        directory = os.path.dirname(file_path)
+        while directory not in directories:
+            directories[directory] = None
+            directory = os.path.dirname(directory)
+    return list(directories)

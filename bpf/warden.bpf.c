@@ -1,0 +1,500 @@
+// Egress Warden kernel side, compiled by bcc (agent/kernel/loader.py).
+//
+// Rules kept here (DESIGN.md, "Kernel side"):
+// - only cgroup hooks and tracepoints: hardened kernels refuse kprobes, fentry and LSM;
+// - only uapi context structs and helpers, so building against headers that are not the
+//   running kernel's stays correct;
+// - every verdict the kernel takes is reported on the ring buffer, and a full ring
+//   buffer is counted, never silent.
+#include <uapi/linux/bpf.h>
+#include <uapi/linux/in.h>
+#include <uapi/linux/in6.h>
+#include <uapi/linux/if_ether.h>
+#include <uapi/linux/ip.h>
+#include <uapi/linux/ipv6.h>
+#include <linux/socket.h>
+
+#define MAX_WORKLOADS 256
+#define MAX_CGROUP_DEPTH 16
+// The default (v2) hierarchy has id 0: it is the "0::" line of /proc/PID/cgroup.
+#define CGROUP2_HIERARCHY 0
+
+// Event kinds: mirrored by agent/kernel/records.py.
+#define EV_CONNECT 1
+#define EV_SENDMSG 2
+#define EV_SOCK_CREATE 3
+#define EV_BACKSTOP 4
+#define EV_EXEC 5
+#define EV_EXIT 6
+#define EV_CGROUP_ATTACH 7
+
+#define VERDICT_ALLOW 1
+#define VERDICT_DENY 2
+#define VERDICT_OBSERVE 3  // not allowed, let through because the workload is in monitor mode
+
+#define MODE_ENFORCE 0
+#define MODE_MONITOR 1
+
+#define IPPROTO_ANY 0
+#define PORT_ANY 0
+
+#define SOCK_RAW_TYPE 3
+
+struct workload_state {
+    u32 active;
+    u32 mode;
+    u32 quarantined;
+    u32 pad;
+    u64 generation;  // bumped on every policy change: the backstop re-checks cached verdicts
+};
+
+// LPM key: the workload, protocol and port are fixed-length leading bits, so one trie
+// serves every workload and a rule "any port"/"any protocol" is the entry with 0 there.
+struct allow_key {
+    u32 prefixlen;
+    u32 workload;
+    u8 proto;
+    u8 pad;
+    u16 port;  // host order
+    u8 addr[16];  // IPv6, IPv4 as ::ffff:a.b.c.d so IPv4-mapped IPv6 is checked as IPv4
+};
+
+struct allow_value {
+    u64 expires_ns;  // CLOCK_MONOTONIC (bpf_ktime_get_ns); 0 = never
+    u32 rule;
+    u32 flags;
+};
+
+struct listen_key {
+    u32 workload;
+    u16 port;
+    u16 pad;
+};
+
+// Per socket, recorded in process context: cgroup_skb/egress may run in softirq where the
+// current task is not the socket's owner.
+struct sock_owner {
+    u32 pid;
+    u32 tgid;
+    u32 uid;
+    u32 workload;
+    char comm[16];
+    u64 checked_generation;
+    u8 checked_addr[16];
+    u16 checked_port;
+    u8 checked_proto;
+    u8 checked_verdict;
+    u8 reported;
+    u8 pad[3];
+};
+
+struct event {
+    u64 ktime_ns;
+    u64 cgroup_id;
+    u64 cookie;
+    u32 kind;
+    u32 workload;
+    u32 pid;
+    u32 tgid;
+    u32 uid;
+    u32 aux;
+    u16 family;
+    u16 dport;
+    u16 sport;
+    u8 proto;
+    u8 verdict;
+    u8 daddr[16];
+    char comm[16];
+    char path[128];
+};
+
+BPF_ARRAY(workloads, struct workload_state, MAX_WORKLOADS);
+BPF_HASH(cgroup_workload, u64, u32, 4096);
+BPF_HASH(listen_ports, struct listen_key, u8, 4096);
+BPF_F_TABLE("lpm_trie", struct allow_key, struct allow_value, allow, 262144, BPF_F_NO_PREALLOC);
+BPF_TABLE("lru_hash", u32, u32, members, 65536);
+BPF_ARRAY(config, u32, 4);  // [0]: exec events for discovery wanted
+BPF_PERCPU_ARRAY(lost_events, u64, 1);
+BPF_SK_STORAGE(sock_owners, struct sock_owner);
+BPF_RINGBUF_OUTPUT(events, 1024);  // pages: 4 MiB
+
+static __always_inline void emit(struct event *ev) {
+    if (events.ringbuf_output(ev, sizeof(*ev), 0) < 0) {
+        u32 zero = 0;
+        u64 *lost = lost_events.lookup(&zero);
+        if (lost)
+            __sync_fetch_and_add(lost, 1);
+    }
+}
+
+static __always_inline int workload_of_cgroup(u64 id, u32 *wl) {
+    u32 *found = cgroup_workload.lookup(&id);
+    if (!found)
+        return 0;
+    *wl = *found;
+    return 1;
+}
+
+// The workload of the calling task: its cgroup or the nearest ancestor that is a
+// workload's, so sub-cgroups a router makes stay under its policy.
+static __always_inline int workload_of_current(u32 *wl) {
+    if (workload_of_cgroup(bpf_get_current_cgroup_id(), wl))
+        return 1;
+#pragma unroll
+    for (int level = MAX_CGROUP_DEPTH - 1; level >= 1; level--) {
+        u64 id = bpf_get_current_ancestor_cgroup_id(level);
+        if (id && workload_of_cgroup(id, wl))
+            return 1;
+    }
+    return 0;
+}
+
+static __always_inline int workload_of_skb(struct __sk_buff *skb, u32 *wl) {
+    if (workload_of_cgroup(bpf_skb_cgroup_id(skb), wl))
+        return 1;
+#pragma unroll
+    for (int level = MAX_CGROUP_DEPTH - 1; level >= 1; level--) {
+        u64 id = bpf_skb_ancestor_cgroup_id(skb, level);
+        if (id && workload_of_cgroup(id, wl))
+            return 1;
+    }
+    return 0;
+}
+
+static __always_inline struct workload_state *state_of(u32 wl) {
+    return workloads.lookup(&wl);
+}
+
+static __always_inline int lookup_allowed(struct allow_key *key, u8 proto, u16 port) {
+    key->proto = proto;
+    key->port = port;
+    struct allow_value *v = allow.lookup(key);
+    if (!v)
+        return 0;
+    return v->expires_ns == 0 || v->expires_ns > bpf_ktime_get_ns();
+}
+
+static __always_inline int destination_allowed(u32 wl, const u8 addr[16], u8 proto, u16 port) {
+    struct allow_key key = {};
+    key.prefixlen = 64 + 128;
+    key.workload = wl;
+    __builtin_memcpy(key.addr, addr, 16);
+    return lookup_allowed(&key, proto, port) || lookup_allowed(&key, proto, PORT_ANY) ||
+           lookup_allowed(&key, IPPROTO_ANY, port) || lookup_allowed(&key, IPPROTO_ANY, PORT_ANY);
+}
+
+static __always_inline void ipv4_mapped(u32 ip4_be, u8 out[16]) {
+    __builtin_memset(out, 0, 10);
+    out[10] = 0xff;
+    out[11] = 0xff;
+    __builtin_memcpy(out + 12, &ip4_be, 4);
+}
+
+static __always_inline int verdict_for(struct workload_state *st, int allowed) {
+    if (allowed && !st->quarantined)
+        return VERDICT_ALLOW;
+    return st->mode == MODE_MONITOR && !st->quarantined ? VERDICT_OBSERVE : VERDICT_DENY;
+}
+
+static __always_inline void fill_task(struct event *ev) {
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    ev->pid = (u32)pid_tgid;
+    ev->tgid = pid_tgid >> 32;
+    ev->uid = (u32)bpf_get_current_uid_gid();
+    bpf_get_current_comm(ev->comm, sizeof(ev->comm));
+    ev->cgroup_id = bpf_get_current_cgroup_id();
+    ev->ktime_ns = bpf_ktime_get_ns();
+}
+
+static __always_inline void remember_owner(struct bpf_sock *sk, u32 wl) {
+    if (!sk)
+        return;
+    struct sock_owner *owner = sock_owners.sk_storage_get(sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+    if (!owner || owner->tgid)
+        return;
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    owner->pid = (u32)pid_tgid;
+    owner->tgid = pid_tgid >> 32;
+    owner->uid = (u32)bpf_get_current_uid_gid();
+    owner->workload = wl;
+    bpf_get_current_comm(owner->comm, sizeof(owner->comm));
+}
+
+// connect4/6 and sendmsg4/6 share one check. Returns 1 to let the call through, 0 for EPERM.
+static __always_inline int check_sock_addr(struct bpf_sock_addr *ctx, u32 kind, int v6) {
+    u32 wl;
+    if (!workload_of_current(&wl))
+        return 1;
+    struct workload_state *st = state_of(wl);
+    if (!st || !st->active)
+        return 1;
+
+    struct event ev = {};
+    if (v6) {
+        u32 ip6[4];
+        ip6[0] = ctx->user_ip6[0];
+        ip6[1] = ctx->user_ip6[1];
+        ip6[2] = ctx->user_ip6[2];
+        ip6[3] = ctx->user_ip6[3];
+        __builtin_memcpy(ev.daddr, ip6, 16);
+        ev.family = AF_INET6;
+    } else {
+        ipv4_mapped(ctx->user_ip4, ev.daddr);
+        ev.family = AF_INET;
+    }
+    ev.dport = bpf_ntohs((u16)ctx->user_port);
+    ev.proto = (u8)ctx->protocol;
+
+    int verdict = verdict_for(st, destination_allowed(wl, ev.daddr, ev.proto, ev.dport));
+    if (verdict != VERDICT_DENY)
+        remember_owner(ctx->sk, wl);
+    if (verdict == VERDICT_ALLOW)
+        return 1;
+
+    fill_task(&ev);
+    ev.kind = kind;
+    ev.workload = wl;
+    ev.verdict = verdict;
+    ev.cookie = bpf_get_socket_cookie(ctx);
+    emit(&ev);
+    return verdict == VERDICT_OBSERVE;
+}
+
+int ew_connect4(struct bpf_sock_addr *ctx) { return check_sock_addr(ctx, EV_CONNECT, 0); }
+int ew_connect6(struct bpf_sock_addr *ctx) { return check_sock_addr(ctx, EV_CONNECT, 1); }
+int ew_sendmsg4(struct bpf_sock_addr *ctx) { return check_sock_addr(ctx, EV_SENDMSG, 0); }
+int ew_sendmsg6(struct bpf_sock_addr *ctx) { return check_sock_addr(ctx, EV_SENDMSG, 1); }
+
+// Raw IP sockets bypass every address hook, so they are refused at creation.
+int ew_sock_create(struct bpf_sock *sk) {
+    if (sk->type != SOCK_RAW_TYPE)
+        return 1;
+    u32 wl;
+    if (!workload_of_current(&wl))
+        return 1;
+    struct workload_state *st = state_of(wl);
+    if (!st || !st->active)
+        return 1;
+    struct event ev = {};
+    fill_task(&ev);
+    ev.kind = EV_SOCK_CREATE;
+    ev.workload = wl;
+    ev.family = sk->family;
+    ev.proto = sk->protocol;
+    ev.aux = sk->type;
+    ev.verdict = verdict_for(st, 0);
+    emit(&ev);
+    return ev.verdict == VERDICT_OBSERVE;
+}
+
+struct packet_dest {
+    u8 addr[16];
+    u16 dport;
+    u16 sport;
+    u8 proto;
+    u8 has_ports;
+    u16 family;
+};
+
+static __always_inline int parse_ports(struct __sk_buff *skb, u32 offset, struct packet_dest *d) {
+    if (d->proto != IPPROTO_TCP && d->proto != IPPROTO_UDP)
+        return 0;
+    u16 ports[2];
+    if (bpf_skb_load_bytes(skb, offset, ports, sizeof(ports)) < 0)
+        return -1;
+    d->sport = bpf_ntohs(ports[0]);
+    d->dport = bpf_ntohs(ports[1]);
+    d->has_ports = 1;
+    return 0;
+}
+
+static __always_inline int parse_packet(struct __sk_buff *skb, struct packet_dest *d) {
+    if (skb->protocol == bpf_htons(ETH_P_IP)) {
+        struct iphdr ip;
+        if (bpf_skb_load_bytes(skb, 0, &ip, sizeof(ip)) < 0)
+            return -1;
+        ipv4_mapped(ip.daddr, d->addr);
+        d->proto = ip.protocol;
+        d->family = AF_INET;
+        // Only the first fragment carries the ports; later ones are judged by the socket.
+        if (ip.frag_off & bpf_htons(0x1fff))
+            return 0;
+        return parse_ports(skb, ip.ihl * 4, d);
+    }
+    if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
+        struct ipv6hdr ip6;
+        if (bpf_skb_load_bytes(skb, 0, &ip6, sizeof(ip6)) < 0)
+            return -1;
+        __builtin_memcpy(d->addr, &ip6.daddr, 16);
+        // Extension headers are not walked: such packets match only "any port" rules.
+        d->proto = ip6.nexthdr;
+        d->family = AF_INET6;
+        return parse_ports(skb, sizeof(ip6), d);
+    }
+    return -1;
+}
+
+static __always_inline int same_address(const u8 a[16], const u8 b[16]) {
+    const u64 *x = (const u64 *)a, *y = (const u64 *)b;
+    return x[0] == y[0] && x[1] == y[1];
+}
+
+static __always_inline int same_destination(struct sock_owner *o, struct packet_dest *d) {
+    return same_address(o->checked_addr, d->addr) &&
+           (!d->has_ports || (o->checked_port == d->dport && o->checked_proto == d->proto));
+}
+
+static __always_inline int packet_allowed(u32 wl, struct packet_dest *d) {
+    if (d->has_ports) {
+        struct listen_key lk = {.workload = wl, .port = d->sport};
+        if (d->proto == IPPROTO_TCP && listen_ports.lookup(&lk))
+            return 1;
+        return destination_allowed(wl, d->addr, d->proto, d->dport);
+    }
+    return destination_allowed(wl, d->addr, d->proto, PORT_ANY);
+}
+
+// The backstop: every packet a workload's sockets send, including sockets no address hook
+// saw (opened before enforcement began) and connections a policy reload revoked. The
+// verdict is cached per socket and destination until the policy generation changes.
+int ew_egress(struct __sk_buff *skb) {
+    u32 wl;
+    if (!workload_of_skb(skb, &wl))
+        return 1;
+    struct workload_state *st = state_of(wl);
+    if (!st || !st->active)
+        return 1;
+    struct packet_dest d = {};
+    if (parse_packet(skb, &d) < 0)
+        return 1;  // not IP: nothing the allowlist speaks of
+
+    struct bpf_sock *sk = skb->sk;
+    struct sock_owner *owner = 0;
+    if (sk) {
+        sk = bpf_sk_fullsock(sk);
+        if (sk)
+            owner = sock_owners.sk_storage_get(sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+    }
+    int verdict;
+    if (owner && owner->checked_generation == st->generation && owner->checked_verdict &&
+        same_destination(owner, &d)) {
+        verdict = owner->checked_verdict;
+    } else {
+        verdict = verdict_for(st, packet_allowed(wl, &d));
+        if (owner) {
+            owner->checked_generation = st->generation;
+            __builtin_memcpy(owner->checked_addr, d.addr, 16);
+            owner->checked_port = d.dport;
+            owner->checked_proto = d.proto;
+            owner->checked_verdict = verdict;
+            owner->reported = 0;
+        }
+    }
+    if (verdict == VERDICT_ALLOW)
+        return 1;
+    // One report per socket, destination and policy generation, not one per packet.
+    if (!owner || !owner->reported) {
+        if (owner)
+            owner->reported = 1;
+        struct event ev = {};
+        ev.ktime_ns = bpf_ktime_get_ns();
+        ev.kind = EV_BACKSTOP;
+        ev.workload = wl;
+        ev.verdict = verdict;
+        ev.cgroup_id = bpf_skb_cgroup_id(skb);
+        ev.cookie = bpf_get_socket_cookie(skb);
+        ev.family = d.family;
+        ev.proto = d.proto;
+        ev.dport = d.dport;
+        ev.sport = d.sport;
+        __builtin_memcpy(ev.daddr, d.addr, 16);
+        ev.aux = skb->len;
+        if (owner) {
+            ev.pid = owner->pid;
+            ev.tgid = owner->tgid;
+            ev.uid = owner->uid;
+            __builtin_memcpy(ev.comm, owner->comm, sizeof(ev.comm));
+        }
+        emit(&ev);
+    }
+    return verdict == VERDICT_OBSERVE;
+}
+
+static __always_inline u32 current_tgid(void) { return bpf_get_current_pid_tgid() >> 32; }
+
+// Membership by tgid lets cgroup_attach_task tell a workload process leaving its cgroup.
+TRACEPOINT_PROBE(sched, sched_process_fork) {
+    u32 wl;
+    if (!workload_of_current(&wl))
+        return 0;
+    u32 child = args->child_pid;
+    members.update(&child, &wl);
+    return 0;
+}
+
+TRACEPOINT_PROBE(sched, sched_process_exec) {
+    u32 wl;
+    int member = workload_of_current(&wl);
+    u32 zero = 0;
+    u32 *discovery = config.lookup(&zero);
+    if (!member && !(discovery && *discovery))
+        return 0;
+    struct event ev = {};
+    fill_task(&ev);
+    ev.kind = EV_EXEC;
+    ev.workload = member ? wl : (u32)-1;
+    ev.aux = args->old_pid;
+    u32 loc = args->data_loc_filename;
+    bpf_probe_read_kernel_str(ev.path, sizeof(ev.path), (void *)args + (loc & 0xffff));
+    if (member) {
+        u32 tgid = ev.tgid;
+        members.update(&tgid, &wl);
+    }
+    emit(&ev);
+    return 0;
+}
+
+TRACEPOINT_PROBE(sched, sched_process_exit) {
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    u32 tgid = pid_tgid >> 32;
+    if ((u32)pid_tgid != tgid)
+        return 0;  // a thread, not the process
+    u32 *wl = members.lookup(&tgid);
+    if (!wl)
+        return 0;
+    struct event ev = {};
+    fill_task(&ev);
+    ev.kind = EV_EXIT;
+    ev.workload = *wl;
+    members.delete(&tgid);
+    emit(&ev);
+    return 0;
+}
+
+// Fires after the move, in the writer's context: `pid` is the moved process.
+TRACEPOINT_PROBE(cgroup, cgroup_attach_task) {
+    if (args->dst_root != CGROUP2_HIERARCHY)
+        return 0;
+    u32 moved = args->pid;
+    u64 dst = args->dst_id;
+    u32 dst_wl;
+    int into_workload = workload_of_cgroup(dst, &dst_wl);
+    u32 from_wl = (u32)-1;
+    u32 *from = members.lookup(&moved);
+    if (from)
+        from_wl = *from;
+    if (!into_workload && from_wl == (u32)-1)
+        return 0;
+    struct event ev = {};
+    fill_task(&ev);  // the writer
+    ev.kind = EV_CGROUP_ATTACH;
+    ev.workload = from_wl;
+    ev.aux = moved;
+    ev.cgroup_id = dst;
+    u32 loc = args->data_loc_dst_path;
+    bpf_probe_read_kernel_str(ev.path, sizeof(ev.path), (void *)args + (loc & 0xffff));
+    if (into_workload)
+        members.update(&moved, &dst_wl);
+    emit(&ev);
+    return 0;
+}

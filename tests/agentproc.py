@@ -1,0 +1,110 @@
+"""A real `warden agent` process for tests, with its events file read back as dicts."""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from agent import cgroups
+from agent.kernel.loader import detach_all
+
+REPO = Path(__file__).resolve().parents[1]
+WARDEN = [sys.executable, "-m", "agent.cli"]
+ROUTER = str(REPO / "tests" / "helpers" / "router.py")
+
+Predicate = Callable[[dict[str, Any]], bool]
+
+
+def unique_name(prefix: str = "t") -> str:
+    return f"{prefix}-{secrets.token_hex(3)}"
+
+
+def write_policy(path: Path, text: str) -> Path:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(textwrap.dedent(text))
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)
+    return path
+
+
+class AgentProcess:
+    def __init__(self, tmp: Path, policy_text: str, workloads: list[str]) -> None:
+        self.tmp = tmp
+        self.policy = write_policy(tmp / "policy.yaml", policy_text)
+        self.events_file = tmp / "events.jsonl"
+        self.state_dir = tmp / "state"
+        self.log = tmp / "agent.log"
+        self.workloads = workloads
+        self.process: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 30.0) -> None:
+        already = len(self.events())
+        self.process = subprocess.Popen(
+            [*WARDEN, "agent", "--policy", str(self.policy), "--events-file", str(self.events_file),
+             "--state-dir", str(self.state_dir), "--agent-id", "test-agent"],
+            cwd=REPO, stderr=open(self.log, "a"), stdout=subprocess.DEVNULL)
+        self.wait_for(lambda e: e["kind"] == "agent_started", timeout=timeout, after=already)
+
+    def events(self) -> list[dict[str, Any]]:
+        if not self.events_file.exists():
+            return []
+        return [json.loads(line) for line in self.events_file.read_text().splitlines() if line.strip()]
+
+    def wait_for(self, predicate: Predicate, timeout: float = 10.0, after: int = 0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for event in self.events()[after:]:
+                if predicate(event):
+                    return event
+            if self.process is not None and self.process.poll() is not None:
+                raise AssertionError(f"agent exited with {self.process.returncode}:\n{self.log.read_text()}")
+            time.sleep(0.02)
+        raise AssertionError(f"no matching event within {timeout}s; events: {self.events()[after:]}\nlog:\n{self.log.read_text()}")
+
+    def reload(self, policy_text: str) -> None:
+        write_policy(self.policy, policy_text)
+        self.process.send_signal(signal.SIGHUP)
+
+    def kill9(self) -> None:
+        self.process.kill()
+        self.process.wait()
+
+    def stop(self) -> int:
+        if self.process is None or self.process.poll() is not None:
+            return self.process.returncode if self.process else 0
+        self.process.terminate()
+        return self.process.wait(timeout=15)
+
+    def cleanup(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        parent = cgroups.warden_parent()
+        for name in self.workloads:
+            cgroup = parent / name
+            if cgroup.exists():
+                detach_all(cgroup)
+                cgroups.remove(cgroup)
+
+    def cgroup(self, workload: str) -> Path:
+        return cgroups.warden_parent() / workload
+
+    def run_cmd(self, workload: str, argv: list[str], *extra: str) -> list[str]:
+        return [*WARDEN, "run", *extra, workload, "--", *argv]
+
+    def router_cmd(self, workload: str, *args: str) -> list[str]:
+        return self.run_cmd(workload, [sys.executable, ROUTER, *args])
+
+
+def outcome(process: subprocess.Popen, timeout: float = 15) -> dict[str, Any]:
+    out, err = process.communicate(timeout=timeout)
+    lines = [line for line in out.splitlines() if line.startswith("{")]
+    assert lines, f"router printed nothing (exit {process.returncode}): {out}\n{err}"
+    return json.loads(lines[-1])

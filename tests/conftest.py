@@ -1,0 +1,42 @@
+import os
+import subprocess
+
+import pytest
+
+from agentproc import AgentProcess, unique_name
+from netlab import Lab
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.geteuid() != 0:
+        skip = pytest.mark.skip(reason="kernel tests need root (CI runs them as root)")
+        for item in items:
+            if "root" in item.keywords:
+                item.add_marker(skip)
+
+
+@pytest.fixture
+def lab():
+    with Lab() as created:
+        yield created
+
+
+@pytest.fixture
+def start_agent(tmp_path):
+    """start_agent(policy_text, workloads=[names]) -> a started AgentProcess, cleaned up after."""
+    started: list[AgentProcess] = []
+
+    def start(policy_text: str, workloads: list[str]) -> AgentProcess:
+        agent = AgentProcess(tmp_path, policy_text, workloads)
+        started.append(agent)
+        agent.start()
+        return agent
+
+    yield start
+    for agent in started:
+        agent.cleanup()
+
+
+@pytest.fixture
+def names():
+    return [unique_name("wa"), unique_name("wb")]

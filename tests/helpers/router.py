@@ -1,0 +1,131 @@
+"""A stand-in LLM router for kernel tests: makes one kind of outbound attempt and prints
+the outcome as one JSON line ({"ok": true} or {"ok": false, "errno": N, "error": "..."}).
+
+    router.py tcp HOST PORT [--bytes N]         connect, send N bytes, close
+    router.py tcp6-mapped HOST4 PORT [--bytes N] AF_INET6 socket to ::ffff:HOST4
+    router.py udp-connect HOST PORT [--bytes N] connected UDP socket
+    router.py udp-sendto HOST PORT [--bytes N]  unconnected sendto
+    router.py raw                               open a raw IPv4 socket
+    router.py fork-tcp HOST PORT                a forked child does `tcp`
+    router.py exec-tcp HOST PORT                an exec'd child (a new python) does `tcp`
+    router.py hold HOST PORT                    connect, print {"connected": true}, then for each
+                                                line on stdin send that many bytes and print the outcome
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+
+
+def report(**fields) -> None:
+    print(json.dumps(fields), flush=True)
+
+
+def failure(e: OSError) -> dict:
+    return {"ok": False, "errno": e.errno, "error": e.strerror}
+
+
+def payload(n: int) -> bytes:
+    return b"x" * n
+
+
+def tcp(host: str, port: int, n: int, family: int = socket.AF_INET) -> dict:
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.settimeout(3)
+            s.connect((host, port))
+            s.sendall(payload(n))
+        return {"ok": True}
+    except OSError as e:
+        return failure(e)
+
+
+def family_of(host: str) -> int:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def udp(host: str, port: int, n: int, connect: bool) -> dict:
+    try:
+        with socket.socket(family_of(host), socket.SOCK_DGRAM) as s:
+            if connect:
+                s.connect((host, port))
+                s.send(payload(n))
+            else:
+                s.sendto(payload(n), (host, port))
+        return {"ok": True}
+    except OSError as e:
+        return failure(e)
+
+
+def raw() -> dict:
+    try:
+        socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP).close()
+        return {"ok": True}
+    except OSError as e:
+        return failure(e)
+
+
+def fork_tcp(host: str, port: int, n: int) -> dict:
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child == 0:
+        os.write(write_end, json.dumps(tcp(host, port, n)).encode())
+        os._exit(0)
+    os.close(write_end)
+    os.waitpid(child, 0)
+    outcome = json.loads(os.read(read_end, 4096))
+    return {**outcome, "child": child}
+
+
+def exec_tcp(host: str, port: int, n: int) -> dict:
+    done = subprocess.run([sys.executable, __file__, "tcp", host, str(port), "--bytes", str(n)],
+                          capture_output=True, text=True, check=True)
+    outcome = json.loads(done.stdout)
+    child = outcome.pop("pid")
+    return {**outcome, "child": child}
+
+
+def hold(host: str, port: int) -> None:
+    s = socket.socket(family_of(host), socket.SOCK_STREAM)
+    try:
+        s.connect((host, port))
+    except OSError as e:
+        report(connected=False, **failure(e))
+        return
+    report(connected=True, local_port=s.getsockname()[1], pid=os.getpid())
+    for line in sys.stdin:
+        try:
+            s.sendall(payload(int(line)))
+            report(ok=True)
+        except OSError as e:
+            report(**failure(e))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("action")
+    parser.add_argument("host", nargs="?")
+    parser.add_argument("port", nargs="?", type=int)
+    parser.add_argument("--bytes", type=int, default=100)
+    a = parser.parse_args()
+    if a.action == "hold":
+        hold(a.host, a.port)
+        return
+    outcome = {
+        "tcp": lambda: tcp(a.host, a.port, a.bytes, family_of(a.host)),
+        "tcp6-mapped": lambda: tcp(f"::ffff:{a.host}", a.port, a.bytes, socket.AF_INET6),
+        "udp-connect": lambda: udp(a.host, a.port, a.bytes, connect=True),
+        "udp-sendto": lambda: udp(a.host, a.port, a.bytes, connect=False),
+        "raw": raw,
+        "fork-tcp": lambda: fork_tcp(a.host, a.port, a.bytes),
+        "exec-tcp": lambda: exec_tcp(a.host, a.port, a.bytes),
+    }[a.action]()
+    report(pid=os.getpid(), **outcome)
+
+
+if __name__ == "__main__":
+    main()
