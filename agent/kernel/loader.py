@@ -79,7 +79,7 @@ class KernelPrograms:
             for h in self._hooks
         }
         self._own_ids = {bpfsys.program_id(f.fd) for f in self._functions.values()}
-        self._allow = self._bpf["allow"]
+        self._allow = self._bpf[b"allow"]
         self._allowed: dict[int, set[tuple[bytes, int]]] = {}
         self._generation = 0
         self.load_seconds = time.monotonic() - started
@@ -113,7 +113,7 @@ class KernelPrograms:
     def set_workload(self, index: int, *, mode: str, quarantined: bool) -> None:
         """Activate or update a workload. Bumps its generation, so the egress backstop
         re-judges every established socket against the current allowlist."""
-        table = self._bpf["workloads"]
+        table = self._bpf[b"workloads"]
         state = table.Leaf()
         self._generation += 1
         state.active = 1
@@ -123,29 +123,29 @@ class KernelPrograms:
         table[ctypes.c_int(index)] = state
 
     def deactivate_workload(self, index: int) -> None:
-        self._bpf["workloads"][ctypes.c_int(index)] = self._bpf["workloads"].Leaf()
+        self._bpf[b"workloads"][ctypes.c_int(index)] = self._bpf[b"workloads"].Leaf()
         self.replace_allowlist(index, [])
         self.set_listen_ports(index, [])
 
     def bind_cgroup(self, cgroup_id: int, index: int) -> None:
-        self._bpf["cgroup_workload"][ctypes.c_uint64(cgroup_id)] = ctypes.c_uint32(index)
+        self._bpf[b"cgroup_workload"][ctypes.c_uint64(cgroup_id)] = ctypes.c_uint32(index)
 
     def unbind_cgroup(self, cgroup_id: int) -> None:
-        table = self._bpf["cgroup_workload"]
+        table = self._bpf[b"cgroup_workload"]
         key = ctypes.c_uint64(cgroup_id)
         if key in table:
             del table[key]
 
     def add_members(self, index: int, pids: Iterable[int]) -> None:
-        table = self._bpf["members"]
+        table = self._bpf[b"members"]
         for pid in pids:
             table[ctypes.c_uint32(pid)] = ctypes.c_uint32(index)
 
     def set_discovery(self, enabled: bool) -> None:
-        self._bpf["config"][ctypes.c_int(0)] = ctypes.c_uint32(int(enabled))
+        self._bpf[b"config"][ctypes.c_int(0)] = ctypes.c_uint32(int(enabled))
 
     def set_listen_ports(self, index: int, ports: Iterable[int]) -> None:
-        table = self._bpf["listen_ports"]
+        table = self._bpf[b"listen_ports"]
         for key in [k for k in table.keys() if k.workload == index]:
             del table[key]
         for port in ports:
@@ -188,14 +188,19 @@ class KernelPrograms:
     # --- events ----------------------------------------------------------------------
 
     def on_record(self, handler: Callable[[KernelRecord], None]) -> None:
-        self._bpf["events"].open_ring_buffer(lambda _ctx, data, size: handler(decode(data, size)))
+        self._bpf[b"events"].open_ring_buffer(lambda _ctx, data, size: handler(decode(data, size)))
 
     def poll(self, timeout_ms: int) -> None:
         self._bpf.ring_buffer_poll(timeout_ms)
 
+    def close(self) -> None:
+        """Release the programs and maps held by this process. Attachments stay: the
+        kernel keeps attached programs alive, which is what makes enforcement fail closed."""
+        self._bpf.cleanup()
+
     def lost_records(self) -> int:
         """Records the ring buffer had no room for since the programs were loaded."""
-        return sum(self._bpf["lost_events"].getvalue(ctypes.c_int(0)))
+        return sum(self._bpf[b"lost_events"].getvalue(ctypes.c_int(0)))
 
 
 def attached_warden_programs(cgroup: Path) -> list[tuple[int, bpfsys.AttachedProgram]]:

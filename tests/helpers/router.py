@@ -10,6 +10,12 @@ the outcome as one JSON line ({"ok": true} or {"ok": false, "errno": N, "error":
     router.py exec-tcp HOST PORT                an exec'd child (a new python) does `tcp`
     router.py hold HOST PORT                    connect, print {"connected": true}, then for each
                                                 line on stdin send that many bytes and print the outcome
+    router.py probe HOST PORT --seconds S       try to connect every --interval seconds (default 5 ms)
+                                                for S seconds; count successes
+    router.py escape CGROUP_PROCS               write its own pid into another cgroup, then sleep
+
+--wait: read one line from stdin before acting (lets a test act first).
+--tag: ignored; a marker that policies can match on the command line.
 """
 from __future__ import annotations
 
@@ -19,6 +25,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 
 def report(**fields) -> None:
@@ -105,15 +112,45 @@ def hold(host: str, port: int) -> None:
             report(**failure(e))
 
 
+def probe(host: str, port: int, seconds: float, interval: float) -> dict:
+    connected = refused = 0
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        outcome = tcp(host, port, 1, family_of(host))
+        connected += outcome["ok"]
+        refused += not outcome["ok"]
+        time.sleep(interval)
+    return {"ok": True, "connected": connected, "refused": refused}
+
+
+def escape(procs_file: str) -> None:
+    try:
+        with open(procs_file, "w") as f:
+            f.write(str(os.getpid()))
+        report(escaped=True, pid=os.getpid())
+    except OSError as e:
+        report(escaped=False, pid=os.getpid(), **failure(e))
+    time.sleep(30)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("action")
     parser.add_argument("host", nargs="?")
     parser.add_argument("port", nargs="?", type=int)
     parser.add_argument("--bytes", type=int, default=100)
+    parser.add_argument("--seconds", type=float, default=1.0)
+    parser.add_argument("--interval", type=float, default=0.005)
+    parser.add_argument("--wait", action="store_true")
+    parser.add_argument("--tag")
     a = parser.parse_args()
+    if a.wait:
+        sys.stdin.readline()
     if a.action == "hold":
         hold(a.host, a.port)
+        return
+    if a.action == "escape":
+        escape(a.host)
         return
     outcome = {
         "tcp": lambda: tcp(a.host, a.port, a.bytes, family_of(a.host)),
@@ -123,6 +160,7 @@ def main() -> None:
         "raw": raw,
         "fork-tcp": lambda: fork_tcp(a.host, a.port, a.bytes),
         "exec-tcp": lambda: exec_tcp(a.host, a.port, a.bytes),
+        "probe": lambda: probe(a.host, a.port, a.seconds, a.interval),
     }[a.action]()
     report(pid=os.getpid(), **outcome)
 

@@ -1,0 +1,345 @@
+"""The agent over time: reloads, processes that predate it, violations and their actions,
+SIGKILL and restarts, escapes and overruns. Real kernel, real cgroups, real namespaces."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from agent import cgroups
+from agent.daemon import Agent
+from agent.events import EventBus, JsonLinesSink
+from agent.kernel.loader import attached_warden_programs
+from agentproc import REPO, ROUTER, WARDEN, outcome, unique_name, write_policy
+from netlab import Lab
+
+pytestmark = pytest.mark.root
+EPERM = 1
+
+
+def allow_provider(name: str, *, on_violation: str = "deny", mode: str = "enforce", match: str = "",
+                   rules: str = f"{{cidr: {Lab.PROVIDER4}/32, ports: [443], protocol: tcp}}") -> str:
+    return f"""
+    version: 1
+    workloads:
+      - name: {name}
+        mode: {mode}
+        on_violation: {on_violation}
+{match}
+        allow: [{rules}]
+    """
+
+
+def start_router(lab, argv, **kw):
+    return lab.run_in_router(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, bufsize=1, **kw)
+
+
+def read_json(process) -> dict:
+    line = process.stdout.readline()
+    assert line, process.stderr.read()
+    return json.loads(line)
+
+
+def send(process, n: int) -> dict:
+    process.stdin.write(f"{n}\n")
+    process.stdin.flush()
+    return read_json(process)
+
+
+def test_reload_revokes_an_established_connection(lab, start_agent, names):
+    wl = names[0]
+    provider = lab.serve(Lab.PROVIDER4, 443)
+    agent = start_agent(allow_provider(wl), [wl])
+    router = start_router(lab, agent.router_cmd(wl, "hold", Lab.PROVIDER4, "443"))
+    assert read_json(router)["connected"]
+    send(router, 100)
+    assert provider.wait_for_bytes(100)
+
+    agent.reload(allow_provider(wl, rules=f"{{cidr: {Lab.OTHER4}/32, ports: [443]}}"))
+    agent.wait_for(lambda e: e["kind"] == "policy_loaded" and e["seq"] > 2)
+    send(router, 100)  # accepted by the socket buffer; the backstop drops every packet
+    event = agent.wait_for(lambda e: e["kind"] == "egress_denied" and e["detail"]["hook"] == "egress")
+    assert event["process"]["pid"] == router.pid or event["process"]["comm"].startswith("python")
+    assert event["destination"] == {"ip": Lab.PROVIDER4, "port": 443, "protocol": "tcp", "fqdn": None}
+    time.sleep(0.5)
+    assert provider.received_bytes() == 100
+    assert attempt_errno(lab, agent, wl, Lab.PROVIDER4, 443) == EPERM
+
+
+def attempt_errno(lab, agent, wl, host, port) -> int | None:
+    result = outcome(lab.run_in_router(agent.router_cmd(wl, "tcp", host, str(port)), stdout=-1, stderr=-1, text=True))
+    return None if result["ok"] else result["errno"]
+
+
+def test_invalid_reload_is_rejected_and_the_policy_in_force_stays(lab, start_agent, names):
+    wl = names[0]
+    lab.serve(Lab.PROVIDER4, 443)
+    agent = start_agent(allow_provider(wl), [wl])
+    agent.reload("version: 1\nworkloads:\n  - name: BAD\n    allow: []\n")
+    rejected = agent.wait_for(lambda e: e["kind"] == "policy_rejected")
+    assert any("name" in p for p in rejected["detail"]["problems"])
+    assert attempt_errno(lab, agent, wl, Lab.PROVIDER4, 443) is None
+    assert attempt_errno(lab, agent, wl, Lab.ATTACKER4, 443) == EPERM
+
+
+@pytest.fixture
+def unit_cgroup():
+    """A cgroup laid out as systemd lays out a unit's (SLICE.slice/UNIT.service)."""
+    root = cgroups.cgroup2_root()
+    slice_dir = root / f"{unique_name('ewtest')}.slice"
+    unit = slice_dir / f"{unique_name('router')}.service"
+    unit.mkdir(parents=True)
+    yield unit
+    cgroups.remove(slice_dir)
+
+
+def test_socket_opened_before_the_agent_started_carries_nothing(lab, start_agent, names, unit_cgroup):
+    wl = names[0]
+    attacker = lab.serve(Lab.ATTACKER4, 443)
+    router = start_router(lab, ["sh", "-c", f'echo $$ > {unit_cgroup}/cgroup.procs && exec "$0" "$@"',
+                                sys.executable, ROUTER, "hold", Lab.ATTACKER4, "443"])
+    assert read_json(router)["connected"]
+    agent = start_agent(allow_provider(wl, match=f"        match: {{systemd_unit: {unit_cgroup.name}}}"), [wl])
+    send(router, 500)
+    event = agent.wait_for(lambda e: e["kind"] == "egress_denied" and e["detail"]["hook"] == "egress")
+    assert event["process"]["pid"] == router.pid
+    assert event["destination"]["ip"] == Lab.ATTACKER4 and event["destination"]["port"] == 443
+    time.sleep(0.5)
+    assert attacker.received_bytes() == 0
+
+
+def test_adopted_process_loses_its_disallowed_sockets(lab, start_agent, names):
+    wl = names[0]
+    tag = unique_name("adoptme")
+    attacker = lab.serve(Lab.ATTACKER4, 443)
+    router = start_router(lab, [sys.executable, ROUTER, "hold", Lab.ATTACKER4, "443", "--tag", tag])
+    assert read_json(router)["connected"]
+    agent = start_agent(allow_provider(wl, match=f"        match: {{cmdline: ['{tag}']}}"), [wl])
+    destroyed = agent.wait_for(lambda e: e["kind"] == "socket_destroyed")
+    assert destroyed["process"]["pid"] == router.pid
+    assert destroyed["destination"]["ip"] == Lab.ATTACKER4
+    agent.wait_for(lambda e: e["kind"] == "process_joined" and e["process"]["pid"] == router.pid)
+    assert router.pid in cgroups.pids(agent.cgroup(wl))
+    assert not send(router, 500)["ok"]
+    assert attacker.received_bytes() == 0
+
+
+def test_process_started_later_is_adopted_on_exec(lab, start_agent, names):
+    wl = names[0]
+    tag = unique_name("adoptme")
+    attacker = lab.serve(Lab.ATTACKER4, 443)
+    agent = start_agent(allow_provider(wl, match=f"        match: {{cmdline: ['{tag}']}}"), [wl])
+    router = start_router(lab, [sys.executable, ROUTER, "tcp", Lab.ATTACKER4, "443", "--tag", tag, "--wait"])
+    agent.wait_for(lambda e: e["kind"] == "process_joined" and e["process"]["pid"] == router.pid)
+    router.stdin.write("go\n")
+    router.stdin.flush()
+    result = read_json(router)
+    assert not result["ok"] and result["errno"] == EPERM
+    assert attacker.connections() == 0
+
+
+def test_kill_leaves_no_process_of_the_workload(lab, start_agent, names):
+    wl = names[0]
+    lab.serve(Lab.ATTACKER4, 443)
+    agent = start_agent(allow_provider(wl, on_violation="kill"), [wl])
+    script = f'sleep 60 & sleep 60 & exec {sys.executable} {ROUTER} tcp {Lab.ATTACKER4} 443'
+    router = lab.run_in_router(agent.run_cmd(wl, ["sh", "-c", script]), stdout=-1, stderr=-1)
+    kill = agent.wait_for(lambda e: e["kind"] == "action_kill")
+    router.wait(timeout=5)
+    assert router.returncode == -signal.SIGKILL
+    assert len(kill["detail"]["pids"]) >= 3 and kill["detail"]["cause_kind"] == "egress_denied"
+    assert cgroups.pids(agent.cgroup(wl)) == []
+    assert not [pid for pid in kill["detail"]["pids"] if alive(pid)]
+
+
+def alive(pid: int) -> bool:
+    """A process that can still run: zombies wait only for a parent to reap them."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+@pytest.fixture
+def in_process_agent(tmp_path):
+    """An Agent inside the test process, for its Python API (quarantine, release)."""
+    made = []
+
+    def make(policy_text: str, workloads: list[str]) -> tuple[Agent, Path]:
+        events = tmp_path / "events.jsonl"
+        bus = EventBus("test-agent", tmp_path)
+        bus.subscribe(JsonLinesSink(open(events, "a")))
+        agent = Agent(write_policy(tmp_path / "policy.yaml", policy_text), tmp_path, bus)
+        agent.start()
+        thread = threading.Thread(target=agent.run, daemon=True)
+        thread.start()
+        made.append((agent, thread, workloads))
+        return agent, events
+
+    yield make
+    for agent, thread, workloads in made:
+        agent.stop()
+        thread.join(timeout=5)
+        agent.kernel.close()
+        for name in workloads:
+            cgroups.remove(cgroups.warden_parent() / name)
+
+
+def wait_for_event(events: Path, predicate, timeout: float = 10) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for line in events.read_text().splitlines():
+            event = json.loads(line)
+            if predicate(event):
+                return event
+        time.sleep(0.02)
+    raise AssertionError(f"no matching event in {events.read_text()}")
+
+
+def test_quarantine_freezes_keeps_evidence_and_release_restores(lab, in_process_agent, names):
+    wl = names[0]
+    provider = lab.serve(Lab.PROVIDER4, 443)
+    agent, events = in_process_agent(allow_provider(wl, on_violation="quarantine"), [wl])
+    env = {**os.environ, "OPENAI_API_KEY": "sk-never-in-evidence"}
+    router = start_router(lab, [*WARDEN, "run", wl, "--", sys.executable, ROUTER, "hold", Lab.PROVIDER4, "443"],
+                          env=env, cwd=REPO)
+    assert read_json(router)["connected"]
+    send(router, 100)
+    assert provider.wait_for_bytes(100)
+
+    intruder = lab.run_in_router([*WARDEN, "run", wl, "--", sys.executable, ROUTER, "tcp", Lab.ATTACKER4, "443"],
+                                 stdout=-1, stderr=-1, cwd=REPO)
+    quarantine = wait_for_event(events, lambda e: e["kind"] == "action_quarantine")
+    assert cgroups.is_frozen(cgroups.warden_parent() / wl)
+    assert router.pid in quarantine["detail"]["frozen_pids"]
+    evidence = next(e for e in quarantine["detail"]["evidence"] if e["pid"] == router.pid)
+    assert "OPENAI_API_KEY" in evidence["environment_names"]
+    assert len(evidence["exe_sha256"]) == 64
+    assert any(s["remote"] == f"{Lab.PROVIDER4}:443" for s in evidence["sockets"])
+    assert "sk-never-in-evidence" not in events.read_text()
+
+    router.stdin.write("100\n")  # a frozen process cannot act on it
+    router.stdin.flush()
+    time.sleep(0.5)
+    assert provider.received_bytes() == 100
+
+    agent.release(wl)
+    assert json.loads(router.stdout.readline())["ok"]
+    assert provider.wait_for_bytes(200)
+    assert not cgroups.is_frozen(cgroups.warden_parent() / wl)
+    intruder.wait(timeout=5)
+    wait_for_event(events, lambda e: e["kind"] == "action_release")
+
+
+def test_sigkilled_agent_leaves_enforcement_on(lab, start_agent, names):
+    wl = names[0]
+    attacker = lab.serve(Lab.ATTACKER4, 443)
+    lab.serve(Lab.PROVIDER4, 443)
+    agent = start_agent(allow_provider(wl), [wl])
+    agent.kill9()
+    assert attempt_errno(lab, agent, wl, Lab.ATTACKER4, 443) == EPERM
+    assert attempt_errno(lab, agent, wl, Lab.PROVIDER4, 443) is None
+    assert attacker.connections() == 0
+
+
+@pytest.mark.parametrize("stop", ["sigkill", "sigterm"])
+def test_restart_takes_over_without_a_window_or_duplicates(lab, start_agent, names, stop):
+    wl = names[0]
+    attacker = lab.serve(Lab.ATTACKER4, 443)
+    agent = start_agent(allow_provider(wl), [wl])
+    before = attached_warden_programs(agent.cgroup(wl))
+    assert len(before) == 6
+    probe = lab.run_in_router(agent.router_cmd(wl, "probe", Lab.ATTACKER4, "443", "--seconds", "6"),
+                              stdout=-1, stderr=-1, text=True)
+    time.sleep(0.5)
+    if stop == "sigkill":
+        agent.kill9()
+    else:
+        assert agent.stop() == 0
+    agent.start()
+    after = attached_warden_programs(agent.cgroup(wl))
+    result = outcome(probe)
+    assert result["connected"] == 0 and result["refused"] > 100
+    assert attacker.connections() == 0
+    assert sorted(t for t, _ in after) == sorted(t for t, _ in before)
+    assert not {p.id for _, p in after} & {p.id for _, p in before}
+
+
+def test_seq_keeps_increasing_across_restarts(lab, start_agent, names):
+    wl = names[0]
+    agent = start_agent(allow_provider(wl), [wl])
+    agent.kill9()
+    agent.start()
+    seqs = [e["seq"] for e in agent.events()]
+    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+
+
+@pytest.mark.parametrize("on_violation", ["kill", "deny"])
+def test_leaving_the_cgroup_is_an_escape(lab, start_agent, names, on_violation):
+    wl = names[0]
+    agent = start_agent(allow_provider(wl, on_violation=on_violation), [wl])
+    root_procs = cgroups.cgroup2_root() / "cgroup.procs"
+    router = start_router(lab, agent.router_cmd(wl, "escape", str(root_procs)))
+    assert read_json(router)["escaped"]
+    escape = agent.wait_for(lambda e: e["kind"] == "cgroup_escape")
+    assert escape["process"]["pid"] == router.pid and escape["verdict"] == "deny"
+    if on_violation == "kill":
+        agent.wait_for(lambda e: e["kind"] == "action_kill")
+        router.wait(timeout=5)
+    else:
+        assert escape["detail"]["returned_to_workload"]
+        assert router.pid in cgroups.pids(agent.cgroup(wl))
+        router.kill()
+
+
+def test_ring_buffer_overrun_is_reported(lab, start_agent, names):
+    wl = names[0]
+    agent = start_agent(allow_provider(wl), [wl])
+    agent.process.send_signal(signal.SIGSTOP)
+    try:
+        flood = lab.run_in_router(agent.router_cmd(wl, "probe", Lab.ATTACKER4, "443",
+                                                      "--seconds", "5", "--interval", "0"),
+                                  stdout=-1, stderr=-1, text=True)
+        flooded = outcome(flood)
+    finally:
+        agent.process.send_signal(signal.SIGCONT)
+    agent.wait_for(lambda e: e["kind"] == "events_lost", timeout=30)
+    # Every refusal is either an event or counted as lost; the one extra loss allowed is
+    # the router's own exit record, written while the ring buffer was still full.
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        events = agent.events()
+        lost = sum(e["detail"]["count"] for e in events if e["kind"] == "events_lost")
+        denied = sum(e["kind"] == "egress_denied" for e in events)
+        if lost + denied >= flooded["refused"]:
+            break
+        time.sleep(0.2)
+    assert lost > 0
+    assert flooded["refused"] <= lost + denied <= flooded["refused"] + 1
+
+
+def test_run_as_another_user(lab, start_agent, names):
+    wl = names[0]
+    agent = start_agent(allow_provider(wl), [wl])
+    out = subprocess.run(agent.run_cmd(wl, ["id", "-u"], "--user", "nobody"), capture_output=True, text=True, cwd=REPO)
+    assert out.stdout.strip() == "65534", out.stderr
+
+
+def test_run_refuses_a_workload_the_agent_does_not_guard():
+    out = subprocess.run([*WARDEN, "run", unique_name("unguarded"), "--", "true"], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 1 and "not enforced" in out.stderr
+
+
+def test_startup_duration_is_logged(start_agent, names):
+    wl = names[0]
+    agent = start_agent(allow_provider(wl), [wl])
+    assert "enforcing 1 workload(s) after" in agent.log.read_text()
+    started = next(e for e in agent.events() if e["kind"] == "agent_started")
+    assert 0 < started["detail"]["startup_seconds"] < 30
