@@ -55,7 +55,7 @@ class AgentProcess:
     def events(self) -> list[dict[str, Any]]:
         if not self.events_file.exists():
             return []
-        return [json.loads(line) for line in self.events_file.read_text().splitlines() if line.strip()]
+        return complete_lines(self.events_file)
 
     def wait_for(self, predicate: Predicate, timeout: float = 10.0, after: int = 0) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
@@ -101,6 +101,12 @@ class AgentProcess:
 
     def router_cmd(self, workload: str, *args: str) -> list[str]:
         return self.run_cmd(workload, [sys.executable, ROUTER, *args])
+
+
+def complete_lines(path: Path) -> list[dict[str, Any]]:
+    """The JSON lines the agent has finished writing (the last may still be in progress)."""
+    text = path.read_text()
+    return [json.loads(line) for line in text[: text.rfind("\n") + 1].splitlines() if line.strip()]
 
 
 def outcome(process: subprocess.Popen, timeout: float = 15) -> dict[str, Any]:
