@@ -220,8 +220,12 @@ class Agent:
     def _maybe_adopt(self, pid: int, exe: str | None, cmdline: list[str] | None) -> None:
         if pid in self._never_adopt or not exe:
             return
+        joined = " ".join(cmdline or ())
+        # A venv's python is a link to the base interpreter, which is what /proc/PID/exe
+        # names; the path it was started by (argv[0]) is what an exe glob is written for.
+        started_as = [exe, *(cmdline[:1] if cmdline and cmdline[0].startswith("/") else [])]
         for running in self.workloads.values():
-            if running.spec.match.matches(exe, " ".join(cmdline or ())):
+            if any(running.spec.match.matches(path, joined) for path in started_as):
                 self._adopt(running, pid)
                 return
 

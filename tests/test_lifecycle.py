@@ -343,3 +343,33 @@ def test_startup_duration_is_logged(start_agent, names):
     assert "enforcing 1 workload(s) after" in agent.log.read_text()
     started = next(e for e in agent.events() if e["kind"] == "agent_started")
     assert 0 < started["detail"]["startup_seconds"] < 30
+
+
+def test_exe_glob_matches_the_path_a_venv_python_was_started_by(lab, start_agent, names, tmp_path):
+    wl = names[0]
+    venv_python = tmp_path / "venv" / "bin" / "python3"
+    venv_python.parent.mkdir(parents=True)
+    venv_python.symlink_to(sys.executable)  # as `python -m venv` makes it
+    agent = start_agent(allow_provider(wl, match=f"        match: {{exe: ['{tmp_path}/venv/bin/python3*']}}"), [wl])
+    router = start_router(lab, [str(venv_python), ROUTER, "tcp", Lab.ATTACKER4, "443", "--wait"])
+    agent.wait_for(lambda e: e["kind"] == "process_joined" and e["process"]["pid"] == router.pid)
+    router.stdin.write("go\n")
+    router.stdin.flush()
+    assert read_json(router)["errno"] == EPERM
+
+
+def test_detach_ends_enforcement_on_purpose(lab, start_agent, names):
+    wl = names[0]
+    lab.serve(Lab.ATTACKER4, 443)
+    agent = start_agent(allow_provider(wl), [wl])
+    agent.kill9()
+    hold = start_router(lab, agent.router_cmd(wl, "hold", Lab.ATTACKER4, "443"))
+    assert not read_json(hold)["connected"]
+    out = subprocess.run([*WARDEN, "detach"], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0 and "detached" in out.stdout
+    assert attached_warden_programs(agent.cgroup(wl)) == []
+    # The cgroup still exists, but nothing guards it any more.
+    cgroup = agent.cgroup(wl)
+    probe = start_router(lab, ["sh", "-c", f'echo $$ > {cgroup}/cgroup.procs && exec "$0" "$@"',
+                               sys.executable, ROUTER, "tcp", Lab.ATTACKER4, "443"])
+    assert read_json(probe)["ok"]
