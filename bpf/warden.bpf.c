@@ -161,8 +161,12 @@ static __always_inline int workload_of_skb(struct __sk_buff *skb, u32 *wl) {
     return 0;
 }
 
-static __always_inline struct workload_state *state_of(u32 wl) {
-    return workloads.lookup(&wl);
+// The active workload the calling task belongs to, or NULL for tasks the policy does not guard.
+static __always_inline struct workload_state *guarded_workload_of_current(u32 *wl) {
+    if (!workload_of_current(wl))
+        return 0;
+    struct workload_state *st = workloads.lookup(wl);
+    return st && st->active ? st : 0;
 }
 
 static __always_inline int lookup_allowed(struct allow_key *key, u8 proto, u16 port) {
@@ -223,10 +227,8 @@ static __always_inline void remember_owner(struct bpf_sock *sk, u32 wl) {
 // connect4/6 and sendmsg4/6 share one check. Returns 1 to let the call through, 0 for EPERM.
 static __always_inline int check_sock_addr(struct bpf_sock_addr *ctx, u32 kind, int v6) {
     u32 wl;
-    if (!workload_of_current(&wl))
-        return 1;
-    struct workload_state *st = state_of(wl);
-    if (!st || !st->active)
+    struct workload_state *st = guarded_workload_of_current(&wl);
+    if (!st)
         return 1;
 
     struct event ev = {};
@@ -270,10 +272,8 @@ int ew_sock_create(struct bpf_sock *sk) {
     if (sk->type != SOCK_RAW_TYPE)
         return 1;
     u32 wl;
-    if (!workload_of_current(&wl))
-        return 1;
-    struct workload_state *st = state_of(wl);
-    if (!st || !st->active)
+    struct workload_state *st = guarded_workload_of_current(&wl);
+    if (!st)
         return 1;
     struct event ev = {};
     fill_task(&ev);
@@ -361,7 +361,7 @@ int ew_egress(struct __sk_buff *skb) {
     u32 wl;
     if (!workload_of_skb(skb, &wl))
         return 1;
-    struct workload_state *st = state_of(wl);
+    struct workload_state *st = workloads.lookup(&wl);
     if (!st || !st->active)
         return 1;
     struct packet_dest d = {};

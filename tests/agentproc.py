@@ -34,6 +34,21 @@ def write_policy(path: Path, text: str) -> Path:
     return path
 
 
+def workload_policy(name: str, rules: str, *, on_violation: str = "deny", mode: str = "enforce",
+                    match: str = "") -> str:
+    """A one-workload policy; `rules` is the YAML of its allow list, `match` its match mapping."""
+    match_line = f"        match: {match}" if match else ""
+    return f"""
+    version: 1
+    workloads:
+      - name: {name}
+        mode: {mode}
+        on_violation: {on_violation}
+{match_line}
+        allow: [{rules}]
+    """
+
+
 class AgentProcess:
     def __init__(self, tmp: Path, policy_text: str, workloads: list[str]) -> None:
         self.tmp = tmp

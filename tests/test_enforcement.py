@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from agentproc import ROUTER, outcome
+from agentproc import ROUTER, outcome, workload_policy
 from netlab import Lab
 
 pytestmark = pytest.mark.root
@@ -12,24 +12,11 @@ pytestmark = pytest.mark.root
 EPERM = 1
 
 
-def policy(name: str, *, mode: str = "enforce", on_violation: str = "deny", extra_allow: str = "") -> str:
-    return f"""
-    version: 1
-    workloads:
-      - name: {name}
-        mode: {mode}
-        on_violation: {on_violation}
-        allow:
-          - cidr: {Lab.PROVIDER4}/32
-            ports: [443]
-            protocol: tcp
-          - cidr: {Lab.PROVIDER4}/32
-            ports: [53]
-            protocol: udp
-          - cidr: {Lab.PROVIDER6}/128
-            ports: [443]
-{extra_allow}
-    """
+def policy(name: str, **options: str) -> str:
+    rules = (f"{{cidr: {Lab.PROVIDER4}/32, ports: [443], protocol: tcp}}, "
+             f"{{cidr: {Lab.PROVIDER4}/32, ports: [53], protocol: udp}}, "
+             f"{{cidr: {Lab.PROVIDER6}/128, ports: [443]}}")
+    return workload_policy(name, rules, **options)
 
 
 def attempt(lab, agent, workload, *args):

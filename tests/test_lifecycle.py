@@ -16,24 +16,16 @@ from agent import cgroups
 from agent.daemon import Agent
 from agent.events import EventBus, JsonLinesSink
 from agent.kernel.loader import attached_warden_programs
-from agentproc import REPO, ROUTER, WARDEN, complete_lines, outcome, unique_name, write_policy
+from agentproc import REPO, ROUTER, WARDEN, complete_lines, outcome, unique_name, workload_policy, write_policy
 from netlab import Lab
 
 pytestmark = pytest.mark.root
 EPERM = 1
 
 
-def allow_provider(name: str, *, on_violation: str = "deny", mode: str = "enforce", match: str = "",
-                   rules: str = f"{{cidr: {Lab.PROVIDER4}/32, ports: [443], protocol: tcp}}") -> str:
-    return f"""
-    version: 1
-    workloads:
-      - name: {name}
-        mode: {mode}
-        on_violation: {on_violation}
-{match}
-        allow: [{rules}]
-    """
+def allow_provider(name: str, *, rules: str = f"{{cidr: {Lab.PROVIDER4}/32, ports: [443], protocol: tcp}}",
+                   **options: str) -> str:
+    return workload_policy(name, rules, **options)
 
 
 def start_router(lab, argv, **kw):
@@ -106,7 +98,7 @@ def test_socket_opened_before_the_agent_started_carries_nothing(lab, start_agent
     router = start_router(lab, ["sh", "-c", f'echo $$ > {unit_cgroup}/cgroup.procs && exec "$0" "$@"',
                                 sys.executable, ROUTER, "hold", Lab.ATTACKER4, "443"])
     assert read_json(router)["connected"]
-    agent = start_agent(allow_provider(wl, match=f"        match: {{systemd_unit: {unit_cgroup.name}}}"), [wl])
+    agent = start_agent(allow_provider(wl, match=f"{{systemd_unit: {unit_cgroup.name}}}"), [wl])
     send(router, 500)
     event = agent.wait_for(lambda e: e["kind"] == "egress_denied" and e["detail"]["hook"] == "egress")
     assert event["process"]["pid"] == router.pid
@@ -121,7 +113,7 @@ def test_adopted_process_loses_its_disallowed_sockets(lab, start_agent, names):
     attacker = lab.serve(Lab.ATTACKER4, 443)
     router = start_router(lab, [sys.executable, ROUTER, "hold", Lab.ATTACKER4, "443", "--tag", tag])
     assert read_json(router)["connected"]
-    agent = start_agent(allow_provider(wl, match=f"        match: {{cmdline: ['{tag}']}}"), [wl])
+    agent = start_agent(allow_provider(wl, match=f"{{cmdline: ['{tag}']}}"), [wl])
     destroyed = agent.wait_for(lambda e: e["kind"] == "socket_destroyed")
     assert destroyed["process"]["pid"] == router.pid
     assert destroyed["destination"]["ip"] == Lab.ATTACKER4
@@ -135,7 +127,7 @@ def test_process_started_later_is_adopted_on_exec(lab, start_agent, names):
     wl = names[0]
     tag = unique_name("adoptme")
     attacker = lab.serve(Lab.ATTACKER4, 443)
-    agent = start_agent(allow_provider(wl, match=f"        match: {{cmdline: ['{tag}']}}"), [wl])
+    agent = start_agent(allow_provider(wl, match=f"{{cmdline: ['{tag}']}}"), [wl])
     router = start_router(lab, [sys.executable, ROUTER, "tcp", Lab.ATTACKER4, "443", "--tag", tag, "--wait"])
     agent.wait_for(lambda e: e["kind"] == "process_joined" and e["process"]["pid"] == router.pid)
     router.stdin.write("go\n")
@@ -350,7 +342,7 @@ def test_exe_glob_matches_the_path_a_venv_python_was_started_by(lab, start_agent
     venv_python = tmp_path / "venv" / "bin" / "python3"
     venv_python.parent.mkdir(parents=True)
     venv_python.symlink_to(sys.executable)  # as `python -m venv` makes it
-    agent = start_agent(allow_provider(wl, match=f"        match: {{exe: ['{tmp_path}/venv/bin/python3*']}}"), [wl])
+    agent = start_agent(allow_provider(wl, match=f"{{exe: ['{tmp_path}/venv/bin/python3*']}}"), [wl])
     router = start_router(lab, [str(venv_python), ROUTER, "tcp", Lab.ATTACKER4, "443", "--wait"])
     agent.wait_for(lambda e: e["kind"] == "process_joined" and e["process"]["pid"] == router.pid)
     router.stdin.write("go\n")
