@@ -306,7 +306,8 @@ class Agent:
         return Destination(record.address, record.dport or None, protocol)
 
     def _verdict_detail(self, running: RunningWorkload, record: KernelRecord, pid: int | None) -> dict[str, Any]:
-        detail: dict[str, Any] = {"hook": _HOOK_NAMES[record.kind], "mode": running.spec.mode}
+        detail: dict[str, Any] = {"hook": _HOOK_NAMES[record.kind], "mode": running.spec.mode,
+                                  "cgroup_id": record.cgroup_id, "thread": record.pid or None}
         if running.quarantined:
             detail["quarantined"] = True
         if record.kind == Kind.SOCK_CREATE:

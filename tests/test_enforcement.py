@@ -1,5 +1,6 @@
 """Kernel enforcement end to end: a real agent, real cgroups and BPF, a router in its own
 network namespace, and fake providers and an attacker in another (tests/netlab.py)."""
+import os
 import sys
 
 import pytest
@@ -60,6 +61,7 @@ def test_denied_destinations_see_no_byte(lab, start_agent, names, action, host, 
     assert not result["ok"] and result["errno"] == EPERM, result
     event = denial(agent, wl, host, port)
     assert event["verdict"] == "deny"
+    assert event["detail"]["cgroup_id"] == os.stat(agent.cgroup(wl)).st_ino
     assert event["process"]["pid"] in (result["pid"], result.get("child"))
     assert attacker.received_bytes() == 0 and attacker.connections() == 0
 

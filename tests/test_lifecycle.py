@@ -357,7 +357,7 @@ def test_detach_ends_enforcement_on_purpose(lab, start_agent, names):
     agent.kill9()
     hold = start_router(lab, agent.router_cmd(wl, "hold", Lab.ATTACKER4, "443"))
     assert not read_json(hold)["connected"]
-    out = subprocess.run([*WARDEN, "detach"], capture_output=True, text=True, cwd=REPO)
+    out = subprocess.run([*WARDEN, "detach", wl], capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 0 and "detached" in out.stdout
     assert attached_warden_programs(agent.cgroup(wl)) == []
     # The cgroup still exists, but nothing guards it any more.
