@@ -71,23 +71,6 @@ struct listen_key {
     u16 pad;
 };
 
-// Per socket, recorded in process context: cgroup_skb/egress may run in softirq where the
-// current task is not the socket's owner.
-struct sock_owner {
-    u32 pid;
-    u32 tgid;
-    u32 uid;
-    u32 workload;
-    char comm[16];
-    u64 checked_generation;
-    u8 checked_addr[16];
-    u16 checked_port;
-    u8 checked_proto;
-    u8 checked_verdict;
-    u8 reported;
-    u8 pad[3];
-};
-
 struct event {
     u64 ktime_ns;
     u64 cgroup_id;
@@ -115,7 +98,13 @@ BPF_F_TABLE("lpm_trie", struct allow_key, struct allow_value, allow, 262144, BPF
 BPF_TABLE("lru_hash", u32, u32, members, 65536);
 BPF_ARRAY(config, u32, 4);  // [0]: exec events for discovery wanted
 BPF_PERCPU_ARRAY(lost_events, u64, 1);
-BPF_SK_STORAGE(sock_owners, struct sock_owner);
+// Backstop denials already reported, by socket cookie and policy generation: one report
+// per socket and policy, not one per dropped packet.
+struct reported_key {
+    u64 cookie;
+    u64 generation;
+};
+BPF_TABLE("lru_hash", struct reported_key, u8, backstop_reported, 16384);
 BPF_RINGBUF_OUTPUT(events, 1024);  // pages: 4 MiB
 
 static __always_inline void emit(struct event *ev) {
@@ -210,20 +199,6 @@ static __always_inline void fill_task(struct event *ev) {
     ev->ktime_ns = bpf_ktime_get_ns();
 }
 
-static __always_inline void remember_owner(struct bpf_sock *sk, u32 wl) {
-    if (!sk)
-        return;
-    struct sock_owner *owner = sock_owners.sk_storage_get(sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
-    if (!owner || owner->tgid)
-        return;
-    u64 pid_tgid = bpf_get_current_pid_tgid();
-    owner->pid = (u32)pid_tgid;
-    owner->tgid = pid_tgid >> 32;
-    owner->uid = (u32)bpf_get_current_uid_gid();
-    owner->workload = wl;
-    bpf_get_current_comm(owner->comm, sizeof(owner->comm));
-}
-
 // connect4/6 and sendmsg4/6 share one check. Returns 1 to let the call through, 0 for EPERM.
 static __always_inline int check_sock_addr(struct bpf_sock_addr *ctx, u32 kind, int v6) {
     u32 wl;
@@ -248,8 +223,6 @@ static __always_inline int check_sock_addr(struct bpf_sock_addr *ctx, u32 kind, 
     ev.proto = (u8)ctx->protocol;
 
     int verdict = verdict_for(st, destination_allowed(wl, ev.daddr, ev.proto, ev.dport));
-    if (verdict != VERDICT_DENY)
-        remember_owner(ctx->sk, wl);
     if (verdict == VERDICT_ALLOW)
         return 1;
 
@@ -316,7 +289,7 @@ static __always_inline int parse_packet(struct __sk_buff *skb, struct packet_des
         ipv4_mapped(ip.daddr, d->addr);
         d->proto = ip.protocol;
         d->family = AF_INET;
-        // Only the first fragment carries the ports; later ones are judged by the socket.
+        // Only the first fragment carries the ports; later ones match "any port" rules only.
         if (ip.frag_off & bpf_htons(0x1fff))
             return 0;
         return parse_ports(skb, ip.ihl * 4, d);
@@ -334,16 +307,6 @@ static __always_inline int parse_packet(struct __sk_buff *skb, struct packet_des
     return -1;
 }
 
-static __always_inline int same_address(const u8 a[16], const u8 b[16]) {
-    const u64 *x = (const u64 *)a, *y = (const u64 *)b;
-    return x[0] == y[0] && x[1] == y[1];
-}
-
-static __always_inline int same_destination(struct sock_owner *o, struct packet_dest *d) {
-    return same_address(o->checked_addr, d->addr) &&
-           (!d->has_ports || (o->checked_port == d->dport && o->checked_proto == d->proto));
-}
-
 static __always_inline int packet_allowed(u32 wl, struct packet_dest *d) {
     if (d->has_ports) {
         struct listen_key lk = {.workload = wl, .port = d->sport};
@@ -355,8 +318,9 @@ static __always_inline int packet_allowed(u32 wl, struct packet_dest *d) {
 }
 
 // The backstop: every packet a workload's sockets send, including sockets no address hook
-// saw (opened before enforcement began) and connections a policy reload revoked. The
-// verdict is cached per socket and destination until the policy generation changes.
+// saw (opened before enforcement began) and connections a policy reload revoked. No
+// per-socket state on the allowed path: one trie lookup per packet costs less than
+// allocating socket storage for every connection.
 int ew_egress(struct __sk_buff *skb) {
     u32 wl;
     if (!workload_of_skb(skb, &wl))
@@ -367,60 +331,31 @@ int ew_egress(struct __sk_buff *skb) {
     struct packet_dest d = {};
     if (parse_packet(skb, &d) < 0)
         return 1;  // not IP: nothing the allowlist speaks of
-
-    struct bpf_sock *sk = skb->sk;
-    struct sock_owner *owner = 0;
-    if (sk) {
-        sk = bpf_sk_fullsock(sk);
-        if (sk)
-            owner = sock_owners.sk_storage_get(sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
-    }
-    int verdict;
-    if (owner && owner->checked_generation == st->generation && owner->checked_verdict &&
-        same_destination(owner, &d)) {
-        verdict = owner->checked_verdict;
-    } else {
-        verdict = verdict_for(st, packet_allowed(wl, &d));
-        if (owner) {
-            owner->checked_generation = st->generation;
-            __builtin_memcpy(owner->checked_addr, d.addr, 16);
-            owner->checked_port = d.dport;
-            owner->checked_proto = d.proto;
-            owner->checked_verdict = verdict;
-            owner->reported = 0;
-        }
-    }
+    int verdict = verdict_for(st, packet_allowed(wl, &d));
     if (verdict == VERDICT_ALLOW)
         return 1;
-    // One report per socket, destination and policy generation, not one per packet.
-    if (!owner || !owner->reported) {
-        if (owner)
-            owner->reported = 1;
+
+    struct reported_key rk = {.cookie = bpf_get_socket_cookie(skb), .generation = st->generation};
+    if (!backstop_reported.lookup(&rk)) {
+        u8 one = 1;
+        backstop_reported.update(&rk, &one);
         struct event ev = {};
         ev.ktime_ns = bpf_ktime_get_ns();
         ev.kind = EV_BACKSTOP;
         ev.workload = wl;
         ev.verdict = verdict;
         ev.cgroup_id = bpf_skb_cgroup_id(skb);
-        ev.cookie = bpf_get_socket_cookie(skb);
+        ev.cookie = rk.cookie;
         ev.family = d.family;
         ev.proto = d.proto;
         ev.dport = d.dport;
         ev.sport = d.sport;
         __builtin_memcpy(ev.daddr, d.addr, 16);
         ev.aux = skb->len;
-        if (owner) {
-            ev.pid = owner->pid;
-            ev.tgid = owner->tgid;
-            ev.uid = owner->uid;
-            __builtin_memcpy(ev.comm, owner->comm, sizeof(ev.comm));
-        }
         emit(&ev);
     }
     return verdict == VERDICT_OBSERVE;
 }
-
-static __always_inline u32 current_tgid(void) { return bpf_get_current_pid_tgid() >> 32; }
 
 // Membership by tgid lets cgroup_attach_task tell a workload process leaving its cgroup.
 TRACEPOINT_PROBE(sched, sched_process_fork) {
