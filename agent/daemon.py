@@ -316,8 +316,8 @@ class Agent:
         if record.kind == Kind.BACKSTOP:
             detail["reason"] = "packet of a socket no allowed connect explains (opened before enforcement, or its destination was revoked)"
             detail["source_port"] = record.sport
-            if not record.tgid:
-                detail["attribution"] = "socket table" if pid else "unknown: no process of the workload holds the socket"
+            # The backstop runs where `current` may not own the socket: found from the socket table.
+            detail["attribution"] = "socket table" if pid else "unknown: no process of the workload holds the socket"
         return detail
 
     def _owner_of_socket(self, running: RunningWorkload, record: KernelRecord) -> int | None:

@@ -150,12 +150,14 @@ static __always_inline int workload_of_skb(struct __sk_buff *skb, u32 *wl) {
     return 0;
 }
 
-// The active workload the calling task belongs to, or NULL for tasks the policy does not guard.
-static __always_inline struct workload_state *guarded_workload_of_current(u32 *wl) {
-    if (!workload_of_current(wl))
-        return 0;
+static __always_inline struct workload_state *active_state(u32 *wl) {
     struct workload_state *st = workloads.lookup(wl);
     return st && st->active ? st : 0;
+}
+
+// The active workload the calling task belongs to, or NULL for tasks the policy does not guard.
+static __always_inline struct workload_state *guarded_workload_of_current(u32 *wl) {
+    return workload_of_current(wl) ? active_state(wl) : 0;
 }
 
 static __always_inline int lookup_allowed(struct allow_key *key, u8 proto, u16 port) {
@@ -323,10 +325,8 @@ static __always_inline int packet_allowed(u32 wl, struct packet_dest *d) {
 // allocating socket storage for every connection.
 int ew_egress(struct __sk_buff *skb) {
     u32 wl;
-    if (!workload_of_skb(skb, &wl))
-        return 1;
-    struct workload_state *st = workloads.lookup(&wl);
-    if (!st || !st->active)
+    struct workload_state *st = workload_of_skb(skb, &wl) ? active_state(&wl) : 0;
+    if (!st)
         return 1;
     struct packet_dest d = {};
     if (parse_packet(skb, &d) < 0)
