@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import socket
 import sys
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import click
 
+from agent.cli.sdnotify import notify
 from agent.events import EventBus, JsonLinesSink
 from agent.policy import PolicyError
 
@@ -34,6 +36,8 @@ def agent_command(policy_path: Path, events_file: Path | None, state_dir: Path, 
       SIGTERM  stop; the kernel programs stay attached, so the workloads remain
                enforced (fail closed) until an agent takes them over again
     Logs go to standard error; events to --events-file or standard output.
+    Under systemd (Type=notify) READY=1 is sent once the programs are attached
+    and the policy is enforced, so units ordered after the agent start guarded.
     """
     from agent.daemon import Agent
 
@@ -51,4 +55,6 @@ def agent_command(policy_path: Path, events_file: Path | None, state_dir: Path, 
     except PolicyError as e:
         click.echo(f"warden agent: policy refused, nothing enforced:\n{e}", err=True)
         sys.exit(1)
+    notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS=enforcing {len(agent.workloads)} workload(s)")
     agent.run()
+    notify("STOPPING=1")
