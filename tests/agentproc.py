@@ -59,12 +59,13 @@ class AgentProcess:
         self.workloads = workloads
         self.process: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 30.0) -> None:
+    def start(self, timeout: float = 30.0, prefix: list[str] = (), env: dict[str, str] | None = None) -> None:
+        """`prefix` runs the agent under another command (e.g. setpriv); `env` adds variables."""
         already = len(self.events())
         self.process = subprocess.Popen(
-            [*WARDEN, "agent", "--policy", str(self.policy), "--events-file", str(self.events_file),
+            [*prefix, *WARDEN, "agent", "--policy", str(self.policy), "--events-file", str(self.events_file),
              "--state-dir", str(self.state_dir), "--agent-id", "test-agent"],
-            cwd=REPO, stderr=open(self.log, "a"), stdout=subprocess.DEVNULL)
+            cwd=REPO, stderr=open(self.log, "a"), stdout=subprocess.DEVNULL, env={**os.environ, **(env or {})})
         self.wait_for(lambda e: e["kind"] == "agent_started", timeout=timeout, after=already)
 
     def events(self) -> list[dict[str, Any]]:

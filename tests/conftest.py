@@ -23,13 +23,14 @@ def lab():
 
 @pytest.fixture
 def start_agent(tmp_path):
-    """start_agent(policy_text, workloads=[names]) -> a started AgentProcess, cleaned up after."""
+    """start_agent(policy_text, workloads=[names], **AgentProcess.start options) -> a started
+    AgentProcess, cleaned up after."""
     started: list[AgentProcess] = []
 
-    def start(policy_text: str, workloads: list[str]) -> AgentProcess:
+    def start(policy_text: str, workloads: list[str], **options) -> AgentProcess:
         agent = AgentProcess(tmp_path, policy_text, workloads)
         started.append(agent)
-        agent.start()
+        agent.start(**options)
         return agent
 
     yield start
