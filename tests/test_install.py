@@ -167,3 +167,18 @@ def test_agent_enforces_and_kills_with_only_the_units_capabilities(lab, start_ag
     assert agent.stop() == 0
     assert "STOPPING=1" in notify.recv(4096).decode()
     notify.close()
+
+
+def vagrant_validate(directory: Path) -> subprocess.CompletedProcess:
+    # No VM provider runs here; --ignore-provider checks everything else of the Vagrantfile.
+    return subprocess.run(["vagrant", "validate", "--ignore-provider"], cwd=directory,
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "VAGRANT_CHECKPOINT_DISABLE": "1"})
+
+
+def test_vagrantfile_validates(tmp_path):
+    done = vagrant_validate(REPO / "vagrant")
+    assert done.returncode == 0, done.stdout + done.stderr
+    # The check has teeth: a misspelt setting in a copy of the same file is refused.
+    broken = tmp_path / "Vagrantfile"
+    broken.write_text((REPO / "vagrant/Vagrantfile").read_text().replace("config.vm.hostname", "config.vm.hostnam"))
+    assert vagrant_validate(tmp_path).returncode != 0
