@@ -59,11 +59,11 @@ record() { grep -qxF "$1" "$manifest" 2>/dev/null || echo "$1" >> "$manifest"; }
 
 app_files() {
   local wanted=() p
-  for p in agent bpf proto pyproject.toml README.md examples; do
+  for p in agent bpf proto pyproject.toml README.md examples scripts/gen_proto.py; do
     [ -e "$here/$p" ] && wanted+=("$p")
   done
-  # Generated protobuf stubs are rebuilt from proto/, never copied.
-  (cd "$here" && find "${wanted[@]}" -name __pycache__ -prune -o -name '*_pb2*.py' -prune -o -type f -print | sort)
+  # Generated gRPC stubs are rebuilt from proto/ in place, never copied.
+  (cd "$here" && find "${wanted[@]}" -name __pycache__ -prune -o -path agent/api/gen -prune -o -type f -print | sort)
 }
 
 sync_app() {
@@ -110,7 +110,9 @@ install_everything() {
   sync_app
   local stamp_before
   stamp_before=$(cat "$prefix/venv/.installed-from" 2>/dev/null || true)
-  ensure_venv "$prefix/venv" "$prefix/app" "$prefix/app/pyproject.toml"
+  ensure_venv "$prefix/venv" "$prefix/app[codegen]" "$prefix/app/pyproject.toml"
+  generate_stubs "$prefix/venv" "$prefix/app"
+  check_venv "$prefix/venv"
   [ "$stamp_before" = "$(cat "$prefix/venv/.installed-from")" ] || changes=$((changes + 1))
 
   put "$here/systemd/egress-warden.service" /etc/systemd/system/egress-warden.service 644

@@ -17,5 +17,7 @@ debian_packages=(python3-bpfcc python3-venv iproute2 util-linux vagrant)
 ensure_debian_packages "${debian_packages[@]}"
 ensure_kernel_headers
 ensure_bpf_mounts
-ensure_venv "$here/.venv" "$here[test]" "$here/pyproject.toml"
+ensure_venv "$here/.venv" "$here[test,codegen]" "$here/pyproject.toml"
+generate_stubs "$here/.venv" "$here"
+check_venv "$here/.venv"
 say "ready: $here/.venv/bin/warden"

@@ -86,6 +86,14 @@ ensure_venv() {
   else
     say "Python packages up to date"
   fi
-  "$venv/bin/python" -c 'import bcc, grpc, psutil, pyroute2, click, yaml' \
-    || { echo "${SAY_PREFIX:-setup}: $venv cannot import its packages" >&2; exit 1; }
+}
+
+# generate_stubs VENV APP: the gRPC stubs from APP/proto (only when a .proto changed).
+generate_stubs() {
+  "$1/bin/python" "$2/scripts/gen_proto.py" | while read -r line; do say "$line"; done
+}
+
+check_venv() {
+  "$1/bin/python" -c 'import bcc, grpc, psutil, pyroute2, click, yaml, agent.api.gen.egress_warden.v1.agent_pb2_grpc' \
+    || { echo "${SAY_PREFIX:-setup}: $1 cannot import its packages" >&2; exit 1; }
 }
