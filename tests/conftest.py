@@ -23,12 +23,13 @@ def lab():
 
 @pytest.fixture
 def start_agent(tmp_path):
-    """start_agent(policy_text, workloads=[names], **AgentProcess.start options) -> a started
-    AgentProcess, cleaned up after."""
+    """start_agent(policy_text, workloads=[names], agent_args=[more `warden agent` options],
+    **AgentProcess.start options) -> a started AgentProcess, cleaned up after."""
     started: list[AgentProcess] = []
 
-    def start(policy_text: str, workloads: list[str], **options) -> AgentProcess:
+    def start(policy_text: str, workloads: list[str], agent_args: list[str] = (), **options) -> AgentProcess:
         agent = AgentProcess(tmp_path, policy_text, workloads)
+        agent.agent_args = list(agent_args)
         started.append(agent)
         agent.start(**options)
         return agent
