@@ -260,3 +260,35 @@ def test_the_spool_forgets_events_older_than_its_age_bound(start_agent, names):
             time.sleep(0.2)
         [lost] = read_all(api, since_seq=0)
         assert lost.kind == "events_lost" and json.loads(lost.detail_json)["count"] == newest
+
+
+def test_status_reports_posture_of_workload_processes(lab, start_agent, names):
+    """`warden run` drops the escape capabilities, so a router it starts as root is warned
+    for root and its cgroup.procs access only; one started as nobody is not warned."""
+    wl = names[0]
+    lab.serve(Lab.PROVIDER4, 443)
+    agent = start_agent(policy(wl), [wl])
+    router, root_pid = hold_connection(lab, agent, wl)
+    with unix_stub(agent) as api:
+        [workload] = api.GetStatus(pb.GetStatusRequest(), timeout=10).workloads
+        assert {(w.pid, w.code) for w in workload.posture} == {(root_pid, "runs_as_root"),
+                                                               (root_pid, "can_leave_cgroup")}
+        shown = subprocess.run([sys.executable, "-m", "agent.cli", "status", "--socket", str(agent.socket)],
+                               capture_output=True, text=True, timeout=30)
+        assert shown.returncode == 0 and f"{wl}: pid {root_pid} runs as root" in shown.stdout, shown.stdout
+        router.kill()
+        router.wait()
+        nobody = lab.run_in_router(agent.run_cmd(wl, [sys.executable, "-c", "import time; time.sleep(60)"],
+                                                 "--user", "nobody"))
+        try:
+            deadline = time.monotonic() + 10
+            while True:
+                [workload] = api.ListWorkloads(pb.ListWorkloadsRequest(), timeout=10).workloads
+                # Until `warden run` has switched user, the process is still root.
+                if (workload.processes == 1 and not workload.posture) or time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
+            assert workload.processes == 1 and list(workload.posture) == []
+        finally:
+            nobody.kill()
+            nobody.wait()

@@ -26,6 +26,7 @@ import agent as agent_package
 from agent.api.convert import event_from_json, event_message
 from agent.api.gen.egress_warden.v1 import agent_pb2 as pb
 from agent.api.gen.egress_warden.v1 import agent_pb2_grpc as pb_grpc
+from agent.cgroups.posture import workload_posture
 from agent.daemon import Agent, RunningWorkload
 from agent.events import Event, EventBus, EventKind
 from agent.events.process import describe_process
@@ -203,7 +204,9 @@ def _workload_message(running: RunningWorkload, pids: list[int]) -> pb.Workload:
         name=spec.name, mode=spec.mode, on_violation=spec.on_violation,
         state="quarantined" if running.quarantined else "guarded",
         cgroups=[str(c) for c in running.cgroup_dirs], processes=len(pids),
-        allow=[f"{r.kind} {r.value} {r.protocol}/{','.join(map(str, r.ports)) or 'any'}" for r in spec.allow])
+        allow=[f"{r.kind} {r.value} {r.protocol}/{','.join(map(str, r.ports)) or 'any'}" for r in spec.allow],
+        posture=[pb.PostureWarning(pid=w.pid, code=w.code, detail=w.detail)
+                 for w in workload_posture(running.cgroup_dirs)])
 
 
 def _process_message(workload: str, pid: int) -> pb.Process:

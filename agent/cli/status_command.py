@@ -10,7 +10,10 @@ from agent.cli.client import EXIT_CODES_HELP, Client, Target, as_dict, echo_json
 @target_options
 @output_option
 def status_command(target: Target, output: str) -> None:
-    """The agent's version, uptime, kernel features, workloads, event counts, spool and losses.
+    """The agent's version, uptime, kernel features, workloads, event counts, spool, losses,
+    and posture warnings: workload processes that run as root, hold or can obtain
+    CAP_NET_RAW/CAP_NET_ADMIN/CAP_SYS_ADMIN (and the other escape capabilities), or can
+    write a cgroup.procs outside their cgroup.
 
     Example:  warden status -o json | jq .spool
     """
@@ -36,6 +39,12 @@ def status_command(target: Target, output: str) -> None:
     click.echo()
     echo_table(["WORKLOAD", "MODE", "ON_VIOLATION", "STATE", "PROCESSES"],
                ([w.name, w.mode, w.on_violation, w.state, w.processes] for w in status.workloads))
+    warnings = [(w.name, p) for w in status.workloads for p in w.posture]
+    if warnings:
+        click.echo("\nposture: ways around the agent that workload processes keep "
+                   "(see systemd/examples for a unit that closes them)")
+        for workload, warning in warnings:
+            click.echo(f"  {workload}: pid {warning.pid} {warning.detail}")
 
 
 def _duration(seconds: float) -> str:
