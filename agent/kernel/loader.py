@@ -305,3 +305,29 @@ def detach_all(cgroup: Path) -> int:
     finally:
         os.close(fd)
     return len(programs)
+
+
+def dns_proxy_ready(cgroup: Path, cgroup_id: int, netns_cookie: int) -> bool | None:
+    """Read from the agent's own maps (found through the programs attached to `cgroup`)
+    whether its DNS proxy listens in that network namespace for the workload. None: the
+    workload has no DNS proxy (no fqdn rules), or no agent guards the cgroup."""
+    fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        programs = [p for p in bpfsys.attached_programs(fd, _hooks()[0].attach_type) if p.name == "ew_connect4"]
+    finally:
+        os.close(fd)
+    if not programs:
+        return None
+    prog_fd = bpfsys.program_fd(programs[0].id)
+    try:
+        maps = bpfsys.program_map_names(prog_fd)
+    finally:
+        os.close(prog_fd)
+    index = bpfsys.map_lookup(maps["cgroup_workload"], cgroup_id.to_bytes(8, "little"), 4)
+    if index is None:
+        return None
+    state = bpfsys.map_lookup(maps["workloads"], bytes(index), 24)
+    if state is None or not int.from_bytes(state[12:16], "little"):
+        return None  # workload_state.dns
+    key = netns_cookie.to_bytes(8, "little") + index + bytes(4)
+    return bpfsys.map_lookup(maps["dns_proxy"], key, 4) is not None
