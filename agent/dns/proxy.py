@@ -107,7 +107,7 @@ class _Listener:
         return self.sockets.get("up6" if ":" in host else "up4")
 
 
-@dataclass
+@dataclass(eq=False)  # kept in a set, by identity
 class _TcpClient:
     sock: socket.socket
     listener: _Listener
