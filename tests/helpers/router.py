@@ -14,7 +14,7 @@ the outcome as one JSON line ({"ok": true} or {"ok": false, "errno": N, "error":
                                                 for S seconds; count successes
     router.py escape CGROUP_PROCS               write its own pid into another cgroup, then sleep
     router.py resolve NAME [--count N]          getaddrinfo (glibc's resolver) N times; the last addresses
-    router.py resolve-connect NAME PORT --count N   N times: getaddrinfo, then connect to the answer
+    router.py resolve-connect NAME PORT --count N   N times: getaddrinfo, connect to the answer, send 1 byte
     router.py dns SERVER PORT NAME [--tcp] [--qtype T] [--count N]   N raw queries (random
                                                 labels in place of "{rand}" in NAME); rcodes and addresses
 
@@ -157,7 +157,8 @@ def resolve_connect(name: str, port: int, count: int) -> dict:
     for _ in range(count):
         try:
             address = socket.getaddrinfo(name, port, socket.AF_INET, socket.SOCK_STREAM)[0][4]
-            socket.create_connection(address, timeout=3).close()
+            with socket.create_connection(address, timeout=3) as s:
+                s.sendall(b"x")
         except OSError as e:
             refused[str(e)] += 1
     return {"ok": not refused, "refused": dict(refused)}
