@@ -14,7 +14,7 @@ from netlab import Lab
 
 class DnsServer:
     def __init__(self, lab: Lab, ip: str, workdir: Path, *, hosts: dict[str, str], cnames: dict[str, str] = {},
-                 ttl: int = 60) -> None:
+                 ttl: int = 60, cache: int = 0, log_queries: bool = True) -> None:
         dnsmasq = shutil.which("dnsmasq") or "/usr/sbin/dnsmasq"
         self.ip = ip
         self.hosts_file = workdir / f"hosts-{ip}"
@@ -23,8 +23,8 @@ class DnsServer:
         subprocess.run(["ip", "-n", lab.net_netns, "addr", "add", f"{ip}/32", "dev", "lo"], check=True)
         argv = [dnsmasq, "--keep-in-foreground", "--conf-file=/dev/null", "--no-resolv", "--no-hosts",
                 "--bind-interfaces", f"--listen-address={ip}", "--port=53", f"--addn-hosts={self.hosts_file}",
-                f"--local-ttl={ttl}", "--cache-size=0", "--log-queries", f"--log-facility={self.log_file}",
-                "--pid-file=", "--user=root", "--group=root"]
+                f"--local-ttl={ttl}", f"--cache-size={cache}", f"--log-facility={self.log_file}",
+                "--pid-file=", "--user=root", "--group=root", *(["--log-queries"] if log_queries else [])]
         argv += [f"--cname={alias},{target}" for alias, target in cnames.items()]
         self.process = lab.run_in_net(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         self._wait_until_listening()

@@ -1,11 +1,18 @@
 """DNS-aware allowlists end to end: a real agent and kernel, a router in the Lab's ROUTER
 namespace, and real dnsmasq servers in NET serving the test's zones (tests/dnsserver.py)."""
 import json
+import re
+import socket
+import struct
 import subprocess
 import time
 
 import pytest
 
+from hypothesis import given, settings, strategies as st
+
+from agent.dns import wire
+from agent.kernel.netns import in_netns_of
 from agentproc import outcome, unique_name
 from dnsserver import DnsServer
 from netlab import Lab
@@ -187,3 +194,57 @@ def test_a_changed_address_works_and_the_old_one_expires_without_cutting_connect
     held.stdin.flush()
     assert json.loads(held.stdout.readline())["ok"]
     assert old.wait_for_bytes(100)  # the established connection goes on
+
+
+def proxy_port(agent, wl) -> int:
+    found = re.findall(rf"DNS proxy of {wl} listens on port (\d+)", agent.log.read_text())
+    assert found, agent.log.read_text()
+    return int(found[-1])
+
+
+def garbage():
+    valid = wire.build_query(1, "api.provider.test", wire.TYPE_A)
+    return st.one_of(
+        st.binary(max_size=600),
+        st.binary(min_size=1000, max_size=65000),  # oversized
+        st.integers(0, len(valid)).map(lambda n: valid[:n]),  # truncated
+        st.integers(0, 0x3FFF).map(lambda to: valid[:12] + struct.pack("!H", 0xC000 | to) + valid[-4:]),  # pointers
+        st.binary(max_size=300).map(lambda tail: valid[:12] + tail),
+        st.just(valid[:12] + b"\x01a\xc0\x0c" + valid[-4:]),  # a pointer loop
+        st.just(struct.pack("!HHHHHH", 1, 0x8180, 1, 0, 0, 0) + valid[12:]),  # a response, not a query
+    )
+
+
+def test_fuzzed_packets_never_stop_the_live_proxy(lab, start_agent, dns_server):
+    wl = unique_name("dns")
+    agent = start_agent(dns_policy(wl), [wl])
+    assert query(lab, agent, wl, "api.provider.test")["rcodes"] == {"0": 1}  # the proxy is open in ROUTER
+    port = proxy_port(agent, wl)
+    anchor = lab.run_in_router(["sleep", "300"])
+    udp = in_netns_of(anchor.pid, lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+    udp.setblocking(False)
+    replies = []
+
+    @settings(max_examples=3000, deadline=None, database=None)
+    @given(packet=garbage())
+    def send(packet):
+        udp.sendto(packet, ("127.0.0.1", port))
+        try:
+            replies.append(udp.recv(65535))
+        except BlockingIOError:
+            pass
+
+    with udp:
+        send()
+    for reply in replies:  # whatever came back is a well-formed refusal
+        assert wire.parse_response(reply).rcode in (wire.RCODE_FORMERR, wire.RCODE_REFUSED, wire.RCODE_SERVFAIL, 0)
+
+    def tcp_junk():
+        for chunk in (b"\x00", b"\xff\xff" + b"x" * 100, b"\x00\x05hello", struct.pack("!H", 3000) + b"\0" * 3000):
+            with socket.create_connection(("127.0.0.1", port), timeout=2) as conn:
+                conn.sendall(chunk)
+    in_netns_of(anchor.pid, tcp_junk)
+
+    assert query(lab, agent, wl, "api.provider.test")["rcodes"] == {"0": 1}
+    assert query(lab, agent, wl, "api.provider.test", "--tcp")["rcodes"] == {"0": 1}
+    assert "Traceback" not in agent.log.read_text()

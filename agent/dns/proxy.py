@@ -34,14 +34,16 @@ from agent.kernel.sockets import process_sockets
 log = logging.getLogger(__name__)
 
 MAX_TTL = 3600  # answers are honoured (and handed out) for at most an hour before a new lookup
-UPSTREAM_TIMEOUT = 3.0
+UPSTREAM_TIMEOUT = 2.0  # then the next upstream is asked, if the policy lists one
 ALLOWED_WINDOW = 5.0  # dns_allowed: one event per name and workload per window, with a count
+DENIED_PER_WINDOW = 20  # dns_denied events per workload per window; the rest are counted
 TCP_IDLE = 10.0
 TCP_CLIENTS_PER_LISTENER = 64
 REFRESH_RETRY = 5.0
 _BUFFER = 4 << 20
 _SO_RCVBUFFORCE = 33
 _TCP_MAX_BUFFER = 2 + wire.MAX_UDP_PAYLOAD
+_WRITE_SLACK_NS = 500_000_000
 
 Address = tuple[str, int]
 
@@ -129,6 +131,7 @@ class _Pending:
     packet: bytes
     question_end: int | None
     deadline: float
+    attempt: int  # index of the upstream asked
 
 
 def _open_sockets() -> dict[str, socket.socket]:
@@ -190,6 +193,7 @@ class DnsProxy:
         self._selector.register(self._wake_r, selectors.EVENT_READ, self._on_wake)
         self._pending: dict[tuple[int, int], _Pending] = {}  # (id of the upstream socket, query id)
         self._allowed_counts: Counter = Counter()
+        self._denied_counts: Counter = Counter()  # by workload, this window
         self._allowed_addresses: dict[tuple[str, str], list[str]] = {}
         self._next_flush = time.monotonic() + ALLOWED_WINDOW
         self._refresh_at: dict[tuple[str, str, int], float] = {}
@@ -373,8 +377,8 @@ class DnsProxy:
 
     def _forward(self, listener: _Listener | None, config: WorkloadDns, question: wire.Question, packet: bytes,
                  grants: list[NameGrant], respond: Callable[[bytes], None] | None,
-                 question_end: int | None = None) -> None:
-        upstream = config.upstreams[0]
+                 question_end: int | None = None, attempt: int = 0) -> None:
+        upstream = config.upstreams[attempt % len(config.upstreams)]
         sock = listener.upstream_socket(upstream[0])
         if sock is None:
             if respond:
@@ -385,7 +389,7 @@ class DnsProxy:
             ident = random.getrandbits(16)
         self._pending[(id(sock), ident)] = _Pending(
             listener, config.name, struct.unpack_from("!H", packet)[0], question, grants, respond, packet,
-            question_end, time.monotonic() + UPSTREAM_TIMEOUT)
+            question_end, time.monotonic() + UPSTREAM_TIMEOUT, attempt)
         try:
             sock.sendto(wire.with_id(packet, ident), upstream)
         except OSError as e:
@@ -423,7 +427,8 @@ class DnsProxy:
         name = pending.question.name
         records = wire.addresses_for(response, name)
         if pending.grants and records:
-            self._kernel.allow_until(config.index, self._entries(config, pending.grants, records))
+            # Slack below the grace floor: the entry still outlives the TTL handed out.
+            self._kernel.allow_until(config.index, self._entries(config, pending.grants, records), _WRITE_SLACK_NS)
         if pending.respond is None:
             self._schedule_refresh(config.name, pending.question, records)
             return
@@ -449,7 +454,11 @@ class DnsProxy:
     def _expire_pending(self, now: float) -> None:
         for key in [k for k, p in self._pending.items() if p.deadline <= now]:
             pending = self._pending.pop(key)
-            if pending.respond:
+            config = self._workloads.get(pending.workload)
+            if config and pending.listener and pending.attempt + 1 < len(config.upstreams):
+                self._forward(pending.listener, config, pending.question, pending.packet, pending.grants,
+                              pending.respond, pending.question_end, pending.attempt + 1)
+            elif pending.respond:
                 pending.respond(wire.error_reply(pending.packet, wire.RCODE_SERVFAIL, pending.question_end))
             else:
                 self._refresh_at[(pending.workload, pending.question.name, pending.question.qtype)] = now + REFRESH_RETRY
@@ -562,6 +571,9 @@ class DnsProxy:
 
     def _report_denied(self, config: WorkloadDns, listener: _Listener, query: wire.Query, peer: Address,
                        protocol: str) -> None:
+        self._denied_counts[config.name] += 1
+        if self._denied_counts[config.name] > DENIED_PER_WINDOW:
+            return  # a flood (a tunnel): counted, summed up at the end of the window
         pid = _owner_of(config.pids(), protocol, peer[1])
         enforcing = config.mode == "enforce"
         self._events.put(Event(
@@ -579,8 +591,16 @@ class DnsProxy:
                 EventKind.DNS_ALLOWED, workload=workload, destination=Destination(None, 53, "dns", name),
                 verdict="allow", detail={"count": count, "window_seconds": ALLOWED_WINDOW,
                                          "addresses": self._allowed_addresses.get((workload, name), [])}))
+        for workload, count in self._denied_counts.items():
+            if count > DENIED_PER_WINDOW:
+                self._events.put(Event(
+                    EventKind.DNS_DENIED, workload=workload, verdict="deny",
+                    detail={"suppressed": count - DENIED_PER_WINDOW, "window_seconds": ALLOWED_WINDOW,
+                            "reason": f"more than {DENIED_PER_WINDOW} names denied in the window: "
+                                      "the rest are counted, not reported one by one"}))
         self._allowed_counts.clear()
         self._allowed_addresses.clear()
+        self._denied_counts.clear()
         self._next_flush = now + ALLOWED_WINDOW
 
 

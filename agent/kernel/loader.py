@@ -185,16 +185,18 @@ class KernelPrograms:
                     self._delete_allow(key)
             self._allowed[index] = set(wanted.keys())
 
-    def allow_until(self, index: int, entries: Iterable[AllowEntry]) -> None:
+    def allow_until(self, index: int, entries: Iterable[AllowEntry], slack_ns: int = 0) -> None:
         """Allow DNS answers' addresses until each entry's expires_ns (CLOCK_MONOTONIC). An
-        entry never shortens a later expiry already written, and never touches a static one."""
+        entry never shortens a later expiry already written, and never touches a static one.
+        An entry already lasting until `slack_ns` before the new expiry is left as it is
+        (saves a map write per answer of a busy name)."""
         with self._allow_lock:
             static = self._allowed.get(index, set())
             dynamic = self._dynamic.setdefault(index, {})
             for entry in entries:
                 key = self._allow_key(index, entry)
                 ident = (bytes(key), key.prefixlen)
-                if ident in static or dynamic.get(ident, 0) >= entry.expires_ns:
+                if ident in static or dynamic.get(ident, 0) >= entry.expires_ns - slack_ns:
                     continue
                 self._write_allow(key, entry.expires_ns, entry.rule)
                 dynamic[ident] = entry.expires_ns

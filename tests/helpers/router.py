@@ -34,8 +34,6 @@ import sys
 import time
 from collections import Counter
 
-from agent.dns import wire
-
 
 def report(**fields) -> None:
     print(json.dumps(fields), flush=True)
@@ -166,6 +164,8 @@ def resolve_connect(name: str, port: int, count: int) -> dict:
 
 def dns_query(server: str, port: int, name: str, qtype: int, tcp: bool) -> tuple[int, list[str], list[int]]:
     """(rcode, addresses, ttls) of one query; rcode -1 for no answer, -errno for a refused socket."""
+    from agent.dns import wire  # only here: other actions run under interpreters without the agent
+
     query = wire.build_query(secrets.randbits(16), name, qtype)
     try:
         with socket.socket(family_of(server), socket.SOCK_STREAM if tcp else socket.SOCK_DGRAM) as s:
@@ -211,7 +211,7 @@ def main() -> None:
     parser.add_argument("--wait", action="store_true")
     parser.add_argument("--tag")
     parser.add_argument("--count", type=int, default=1)
-    parser.add_argument("--qtype", type=int, default=wire.TYPE_A)
+    parser.add_argument("--qtype", type=int, default=1, help="1 = A, 28 = AAAA")
     parser.add_argument("--tcp", action="store_true")
     parser.add_argument("name", nargs="?")
     a = parser.parse_args()
