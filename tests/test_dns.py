@@ -219,8 +219,11 @@ def test_fuzzed_packets_never_stop_the_live_proxy(lab, start_agent, dns_server):
     wl = unique_name("dns")
     agent = start_agent(dns_policy(wl), [wl])
     assert query(lab, agent, wl, "api.provider.test")["rcodes"] == {"0": 1}  # the proxy is open in ROUTER
+    # A workload process that stays keeps the proxy open in ROUTER; its namespace is entered
+    # to reach the proxy directly, as no workload process would.
+    anchor = lab.run_in_router(agent.run_cmd(wl, ["sleep", "300"]))
+    time.sleep(1.5)  # the proxy the query opened, or a new one once the querier is gone
     port = proxy_port(agent, wl)
-    anchor = lab.run_in_router(["sleep", "300"])
     udp = in_netns_of(anchor.pid, lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
     udp.setblocking(False)
     replies = []

@@ -34,6 +34,7 @@ def test_query_question_is_read_lowercase():
     HEADER_QUERY + b"\xc0\x0c" + b"\0\1\0\1",  # a pointer to itself
     HEADER_QUERY + b"\x01a\xc0\x0c" + b"\0\1\0\1",  # a label, then back to its start
     HEADER_QUERY + b"\xc0\x10\x00\x00\xc0\x0c",  # forwards, then back: a two-step loop
+    HEADER_QUERY + b"\xc0\x02\0\1\0\1",  # a pointer into the header
     HEADER_QUERY + b"\x3fabc",  # label longer than the packet
     HEADER_QUERY + (b"\x3f" + b"a" * 63) * 5 + b"\0\0\1\0\1",  # name over 255 bytes
     HEADER_QUERY + b"\x03a.b\x03com\0\0\1\0\1",  # a dot inside a label

@@ -98,6 +98,8 @@ def read_name(packet: bytes, offset: int) -> tuple[str, int]:
             # Strictly backwards, and before everything visited so far: a loop is impossible.
             if target >= lowest_pointer_target:
                 raise DnsFormatError("compression pointer does not point backwards (a loop)")
+            if target < HEADER.size:
+                raise DnsFormatError("compression pointer into the header")
             if end is None:
                 end = offset + 2
             lowest_pointer_target = target
