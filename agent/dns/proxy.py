@@ -269,10 +269,7 @@ class DnsProxy:
                 gone = [key for key in self._listeners if key[1] == config.name and key[0] not in live]
             for key in gone:
                 self._close_listener(key, config)
-            in_use = _remote_endpoints(pids)
-            self._kernel.remove_dns_entries(
-                config.index, time.monotonic_ns(),
-                lambda ip, _proto, port: any(ip == used_ip and port in (PORT_ANY, used_port) for used_ip, used_port in in_use))
+            self._kernel.remove_dns_entries(config.index, time.monotonic_ns(), _in_use_by(pids))
 
     def _close_listener(self, key: tuple[int, str], config: WorkloadDns | None) -> None:
         with self._lock:
@@ -625,13 +622,21 @@ def _owner_of(pids: list[int], protocol: str, local_port: int) -> int | None:
     return None
 
 
-def _remote_endpoints(pids: list[int]) -> set[tuple[str, int]]:
-    """(address, port) every connected socket of these processes talks to."""
-    found = set()
-    for pid in pids:
-        try:
-            held = process_sockets(pid)
-        except (FileNotFoundError, ProcessLookupError, PermissionError):
-            continue
-        found.update((s.remote_ip_unmapped, s.remote_port) for s in held if s.connected)
-    return found
+def _in_use_by(pids: list[int]) -> Callable[[str, int, int], bool]:
+    """keep(address, protocol, port): does a connected socket of these processes use it?
+    The sockets are read once, and only when an expired entry asks."""
+    endpoints: set[tuple[str, int]] | None = None
+
+    def keep(ip: str, _protocol: int, port: int) -> bool:
+        nonlocal endpoints
+        if endpoints is None:
+            endpoints = set()
+            for pid in pids:
+                try:
+                    held = process_sockets(pid)
+                except (FileNotFoundError, ProcessLookupError, PermissionError):
+                    continue
+                endpoints.update((s.remote_ip_unmapped, s.remote_port) for s in held if s.connected)
+        return any(ip == used_ip and port in (PORT_ANY, used_port) for used_ip, used_port in endpoints)
+
+    return keep

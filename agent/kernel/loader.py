@@ -187,7 +187,8 @@ class KernelPrograms:
 
     def allow_until(self, index: int, entries: Iterable[AllowEntry], slack_ns: int = 0) -> None:
         """Allow DNS answers' addresses until each entry's expires_ns (CLOCK_MONOTONIC). An
-        entry never shortens a later expiry already written, and never touches a static one.
+        entry never shortens a later expiry already written. An address the static list also
+        allows is only remembered, so that it stays allowed if a reload drops the static rule.
         An entry already lasting until `slack_ns` before the new expiry is left as it is
         (saves a map write per answer of a busy name)."""
         with self._allow_lock:
@@ -196,10 +197,11 @@ class KernelPrograms:
             for entry in entries:
                 key = self._allow_key(index, entry)
                 ident = (bytes(key), key.prefixlen)
-                if ident in static or dynamic.get(ident, 0) >= entry.expires_ns - slack_ns:
+                if dynamic.get(ident, 0) >= entry.expires_ns - slack_ns:
                     continue
-                self._write_allow(key, entry.expires_ns, entry.rule)
                 dynamic[ident] = entry.expires_ns
+                if ident not in static:
+                    self._write_allow(key, entry.expires_ns, entry.rule)
 
     def remove_dns_entries(self, index: int, now_ns: int, keep: Callable[[str, int, int], bool]) -> int:
         """Delete expired DNS entries of the workload unless `keep(address, protocol, port)`
@@ -326,8 +328,8 @@ def dns_proxy_ready(cgroup: Path, cgroup_id: int, netns_cookie: int) -> bool | N
     finally:
         os.close(prog_fd)
     index = bpfsys.map_lookup(maps["cgroup_workload"], cgroup_id.to_bytes(8, "little"), 4)
-    if index is None:
-        return None
+    if index is None or "dns_proxy" not in maps:
+        return None  # not guarded, or an agent from before the DNS proxy
     state = bpfsys.map_lookup(maps["workloads"], bytes(index), 24)
     if state is None or not int.from_bytes(state[12:16], "little"):
         return None  # workload_state.dns
