@@ -44,6 +44,7 @@ _BUFFER = 4 << 20
 _SO_RCVBUFFORCE = 33
 _TCP_MAX_BUFFER = 2 + wire.MAX_UDP_PAYLOAD
 _WRITE_SLACK_NS = 500_000_000
+_HOUSEKEEPING_SECONDS = 0.1
 
 Address = tuple[str, int]
 
@@ -197,6 +198,10 @@ class DnsProxy:
         self._allowed_addresses: dict[tuple[str, str], list[str]] = {}
         self._next_flush = time.monotonic() + ALLOWED_WINDOW
         self._refresh_at: dict[tuple[str, str, int], float] = {}
+        # (workload index, asked name, address) -> expires_ns last written: a busy name's
+        # answers skip the allow map while the entry there outlives them anyway.
+        self._written: dict[tuple[int, str, str], int] = {}
+        self._next_housekeeping = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, name="dns-proxy", daemon=True)
 
@@ -217,6 +222,7 @@ class DnsProxy:
 
     def set_workload(self, name: str, config: WorkloadDns | None) -> None:
         """Serve (or, with None, stop serving) one workload's DNS."""
+        self._written = {}  # the grants may have changed
         if config is not None:
             self._workloads = {**self._workloads, name: config}
             return
@@ -297,9 +303,11 @@ class DnsProxy:
                 except Exception:  # one bad packet or peer must never stop the proxy
                     log.exception("DNS proxy: error while serving %s", key.fileobj)
             now = time.monotonic()
-            self._expire_pending(now)
-            self._close_idle_clients(now)
-            self._refresh_names(now)
+            if now >= self._next_housekeeping:
+                self._next_housekeeping = now + _HOUSEKEEPING_SECONDS
+                self._expire_pending(now)
+                self._close_idle_clients(now)
+                self._refresh_names(now)
             if now >= self._next_flush:
                 self._flush_allowed(now)
 
@@ -424,29 +432,36 @@ class DnsProxy:
         name = pending.question.name
         records = wire.addresses_for(response, name)
         if pending.grants and records:
-            # Slack below the grace floor: the entry still outlives the TTL handed out.
-            self._kernel.allow_until(config.index, self._entries(config, pending.grants, records), _WRITE_SLACK_NS)
+            self._allow(config, name, pending.grants, records)
         if pending.respond is None:
             self._schedule_refresh(config.name, pending.question, records)
             return
         if pending.grants:
             counted = (config.name, name)
             self._allowed_counts[counted] += 1
-            self._allowed_addresses[counted] = sorted({r.value for r in records})
+            if counted not in self._allowed_addresses:
+                self._allowed_addresses[counted] = sorted({r.value for r in records})
         answer = wire.cap_ttls(packet, response, MAX_TTL)
         pending.respond(wire.with_id(answer, pending.query_id))
 
-    @staticmethod
-    def _entries(config: WorkloadDns, grants: list[NameGrant], records: list[wire.Record]) -> list[AllowEntry]:
+    def _allow(self, config: WorkloadDns, name: str, grants: list[NameGrant], records: list[wire.Record]) -> None:
+        """Write the records' addresses into the workload's allow map, for TTL + grace. An
+        entry that already lasts until at least _WRITE_SLACK_NS before that is left alone:
+        the slack is below the grace floor, so it still outlives the TTL handed out."""
         now = time.monotonic_ns()
         entries = []
         for record in records:
             expires = now + (min(record.ttl, MAX_TTL) + config.grace_seconds) * 1_000_000_000
+            written = (config.index, name, record.value)
+            if self._written.get(written, 0) >= expires - _WRITE_SLACK_NS:
+                continue
+            self._written[written] = expires
             network = ipaddress.ip_network(record.value)
             for grant in grants:
                 for port in grant.ports or (PORT_ANY,):
                     entries.append(AllowEntry(network, grant.protocol, port, expires, grant.rule_line))
-        return entries
+        if entries:
+            self._kernel.allow_until(config.index, entries, _WRITE_SLACK_NS)
 
     def _expire_pending(self, now: float) -> None:
         for key in [k for k, p in self._pending.items() if p.deadline <= now]:
@@ -598,6 +613,8 @@ class DnsProxy:
         self._allowed_counts.clear()
         self._allowed_addresses.clear()
         self._denied_counts.clear()
+        now_ns = time.monotonic_ns()
+        self._written = {k: expires for k, expires in self._written.items() if expires > now_ns}
         self._next_flush = now + ALLOWED_WINDOW
 
 

@@ -4,7 +4,7 @@ router or resolver, so reading is bounded: names are at most 255 bytes, compress
 may only point backwards (no loops), and every read is checked against the packet's end."""
 from __future__ import annotations
 
-import ipaddress
+import socket
 import struct
 from dataclasses import dataclass
 
@@ -176,11 +176,11 @@ def _record(packet: bytes, offset: int) -> tuple[Record, int]:
     if rtype == TYPE_A and rclass == CLASS_IN:
         if rdlength != 4:
             raise DnsFormatError(f"A record of {rdlength} bytes")
-        value = str(ipaddress.IPv4Address(packet[start:end]))
+        value = socket.inet_ntop(socket.AF_INET, packet[start:end])
     elif rtype == TYPE_AAAA and rclass == CLASS_IN:
         if rdlength != 16:
             raise DnsFormatError(f"AAAA record of {rdlength} bytes")
-        value = str(ipaddress.IPv6Address(packet[start:end]))
+        value = socket.inet_ntop(socket.AF_INET6, packet[start:end])
     elif rtype == TYPE_CNAME:
         value, name_end = read_name(packet, start)
         if name_end > end:
