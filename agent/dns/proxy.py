@@ -37,6 +37,7 @@ MAX_TTL = 3600  # answers are honoured (and handed out) for at most an hour befo
 UPSTREAM_TIMEOUT = 2.0  # then the next upstream is asked, if the policy lists one
 ALLOWED_WINDOW = 5.0  # dns_allowed: one event per name and workload per window, with a count
 DENIED_PER_WINDOW = 20  # dns_denied events per workload per window; the rest are counted
+MAX_PENDING = 16384  # queries waiting for upstream answers; beyond: SERVFAIL (ids are 16 bits)
 TCP_IDLE = 10.0
 TCP_CLIENTS_PER_LISTENER = 64
 REFRESH_RETRY = 5.0
@@ -385,7 +386,7 @@ class DnsProxy:
                  question_end: int | None = None, attempt: int = 0) -> None:
         upstream = config.upstreams[attempt % len(config.upstreams)]
         sock = listener.upstream_socket(upstream[0])
-        if sock is None:
+        if sock is None or len(self._pending) >= MAX_PENDING:
             if respond:
                 respond(wire.error_reply(packet, wire.RCODE_SERVFAIL, question_end))
             return
@@ -516,8 +517,8 @@ class DnsProxy:
             if client.closed:
                 return
 
-    def _send_tcp(self, client: _TcpClient, answer: bytes) -> None:
-        if client.closed:
+    def _send_tcp(self, client: _TcpClient, answer: bytes | None) -> None:
+        if client.closed or answer is None:
             return
         client.outbuf += struct.pack("!H", len(answer)) + answer
         self._flush_client(client)
