@@ -84,7 +84,7 @@ def test_allowed_name_resolves_and_its_address_is_reachable(lab, start_agent, dn
     agent = start_agent(dns_policy(wl), [wl])
     result = run(lab, agent, wl, "resolve-connect", "api.provider.test", "443", "--count", "3")
     assert result["ok"], result
-    assert provider.connections() == 3
+    assert provider.wait_for_bytes(3)  # one byte per connection
 
 
 def test_glibc_resolver_unmodified_gets_the_answer(lab, start_agent, dns_server):
@@ -112,7 +112,7 @@ def test_cname_to_a_name_outside_the_allowlist_is_judged_by_the_asked_name(lab, 
     result = query(lab, agent, wl, "alias.provider.test")
     assert result["rcodes"] == {"0": 1} and result["addresses"] == [Lab.OTHER4]
     assert run(lab, agent, wl, "tcp", Lab.OTHER4, "443")["ok"]
-    assert target.connections() == 1
+    assert target.wait_for_bytes(100)  # the counter lags the connection
     # The target's own name is not allowed when asked directly.
     assert query(lab, agent, wl, "cdn.elsewhere.test")["rcodes"] == {str(REFUSED): 1}
 
@@ -221,7 +221,7 @@ def test_a_changed_address_works_and_the_old_one_expires_without_cutting_connect
     second = query(lab, agent, wl, "moving.provider.test")
     assert second["addresses"] == [Lab.OTHER4]
     assert run(lab, agent, wl, "tcp", Lab.OTHER4, "443")["ok"]
-    assert new.connections() == 1
+    assert new.wait_for_bytes(100)
 
     time.sleep(2 + 1 + 1.5)  # TTL + grace, and a sweep
     assert run(lab, agent, wl, "tcp", Lab.ATTACKER4, "443")["errno"] == EPERM  # expired: new ones refused
