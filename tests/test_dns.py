@@ -37,7 +37,7 @@ ALL_RULES = """
 
 
 def dns_policy(name: str, *, grace: int = 30, mode: str = "enforce", on_violation: str = "deny",
-               rules: str = ALL_RULES) -> str:
+               rules: str = ALL_RULES, upstream: str = RESOLVER) -> str:
     return f"""
     version: 1
     workloads:
@@ -46,7 +46,7 @@ def dns_policy(name: str, *, grace: int = 30, mode: str = "enforce", on_violatio
         on_violation: {on_violation}
         allow:{rules}
         dns:
-          upstream: [{RESOLVER}]
+          upstream: [{upstream}]
           grace_seconds: {grace}
     """
 
@@ -286,3 +286,24 @@ def test_fuzzed_packets_never_stop_the_live_proxy(lab, start_agent, dns_server):
     assert query(lab, agent, wl, "api.provider.test")["rcodes"] == {"0": 1}
     assert query(lab, agent, wl, "api.provider.test", "--tcp")["rcodes"] == {"0": 1}
     assert "Traceback" not in agent.log.read_text()
+
+
+def test_ttls_handed_out_are_capped_to_what_the_agent_honours(lab, start_agent, tmp_path):
+    long_lived = "198.18.5.55"
+    DnsServer(lab, long_lived, tmp_path, hosts=ZONE, ttl=86400)
+    wl = unique_name("dns")
+    agent = start_agent(dns_policy(wl, upstream=long_lived), [wl])
+    assert query(lab, agent, wl, "api.provider.test")["ttls"] == [3600]
+
+
+def test_a_restarted_agent_answers_again(lab, start_agent, dns_server):
+    wl = unique_name("dns")
+    agent = start_agent(dns_policy(wl), [wl])
+    assert query(lab, agent, wl, "api.provider.test")["rcodes"] == {"0": 1}
+    agent.kill9()
+    # No agent: the kernel still redirects, nobody answers, nothing reaches a resolver.
+    before = len(dns_server.queried_names())
+    assert query(lab, agent, wl, "{rand}.evil.test", "--count", "1")["rcodes"] in ({"-1": 1}, {"-111": 1})
+    assert len(dns_server.queried_names()) == before
+    agent.start()
+    assert query(lab, agent, wl, "api.provider.test")["rcodes"] == {"0": 1}
