@@ -13,7 +13,7 @@ from netlab import Lab
 
 
 class DnsServer:
-    def __init__(self, lab: Lab, ip: str, workdir: Path, *, hosts: dict[str, str], cnames: dict[str, str] = {},
+    def __init__(self, lab: Lab, ip: str, workdir: Path, *, hosts: dict[str, str | list[str]], cnames: dict[str, str] = {},
                  ttl: int = 60, cache: int = 0, log_queries: bool = True) -> None:
         dnsmasq = shutil.which("dnsmasq") or "/usr/sbin/dnsmasq"
         self.ip = ip
@@ -29,8 +29,10 @@ class DnsServer:
         self.process = lab.run_in_net(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         self._wait_until_listening()
 
-    def write_hosts(self, hosts: dict[str, str]) -> None:
-        self.hosts_file.write_text("".join(f"{ip} {name}\n" for name, ip in hosts.items()))
+    def write_hosts(self, hosts: dict[str, str | list[str]]) -> None:
+        """name -> address, or a list of addresses (one A record each)."""
+        lines = [f"{ip} {name}\n" for name, ips in hosts.items() for ip in ([ips] if isinstance(ips, str) else ips)]
+        self.hosts_file.write_text("".join(lines))
 
     def change_hosts(self, hosts: dict[str, str]) -> None:
         """New addresses for the zone; dnsmasq reads its hosts file again on SIGHUP."""

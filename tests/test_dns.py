@@ -153,6 +153,17 @@ def test_query_over_tcp_and_to_any_resolver_is_redirected(lab, start_agent, dns_
     assert query(lab, agent, wl, "unlisted.provider.test", "--tcp")["rcodes"] == {str(REFUSED): 1}
 
 
+def test_an_answer_too_large_for_udp_reaches_a_tcp_asker_whole(lab, start_agent, tmp_path):
+    big_server = "198.18.5.56"
+    many = [f"198.18.7.{n}" for n in range(1, 61)]  # 60 A records: over 512 bytes
+    DnsServer(lab, big_server, tmp_path, hosts={"api.provider.test": many})
+    wl = unique_name("dns")
+    agent = start_agent(dns_policy(wl, upstream=big_server), [wl])
+    assert len(query(lab, agent, wl, "api.provider.test")["addresses"]) < 60  # over UDP: truncated
+    over_tcp = query(lab, agent, wl, "api.provider.test", "--tcp")
+    assert over_tcp["rcodes"] == {"0": 1} and sorted(over_tcp["addresses"]) == sorted(many)
+
+
 @pytest.mark.parametrize("server", ["fd00:e9:5::53", f"::ffff:{OTHER_RESOLVER}"])
 def test_ipv6_and_mapped_resolvers_are_redirected(lab, start_agent, dns_server, server):
     wl = unique_name("dns")

@@ -28,7 +28,7 @@ from agent.dns.names import NameGrant, NameMatcher
 from agent.events import Destination, Event, EventKind
 from agent.events.process import describe_process
 from agent.kernel.loader import PORT_ANY, AllowEntry, KernelPrograms
-from agent.kernel.netns import in_netns_of, netns_cookie, netns_inode
+from agent.kernel.netns import in_netns, in_netns_of, netns_cookie, netns_inode
 from agent.kernel.sockets import process_sockets
 
 log = logging.getLogger(__name__)
@@ -105,6 +105,7 @@ class _Listener:
     cookie: int
     port: int
     sockets: dict[str, socket.socket]  # udp4 tcp4 udp6 tcp6 up4 up6 (v6 ones when the namespace has ::1)
+    netns_fd: int  # to open upstream TCP connections there later
     clients: set = field(default_factory=set)
 
     def upstream_socket(self, host: str) -> socket.socket | None:
@@ -134,6 +135,7 @@ class _Pending:
     question_end: int | None
     deadline: float
     attempt: int  # index of the upstream asked
+    over_tcp: bool  # the router asked over TCP: a truncated answer is asked again over TCP
 
 
 def _open_sockets() -> dict[str, socket.socket]:
@@ -219,6 +221,7 @@ class DnsProxy:
             for listener in self._listeners.values():
                 for sock in listener.sockets.values():
                     sock.close()
+                os.close(listener.netns_fd)
             self._listeners.clear()
 
     def set_workload(self, name: str, config: WorkloadDns | None) -> None:
@@ -252,8 +255,14 @@ class DnsProxy:
             except (OSError, FileNotFoundError) as e:
                 log.warning("cannot open the DNS proxy in the network namespace of %d: %s", pid, e)
                 return
+            try:
+                netns_fd = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY)
+            except FileNotFoundError:
+                for sock in sockets.values():
+                    sock.close()
+                return
             listener = _Listener(workload, key[0], netns_cookie(sockets["udp4"]), sockets["udp4"].getsockname()[1],
-                                 sockets)
+                                 sockets, netns_fd)
             self._listeners[key] = listener
         self._commands.put(("register", listener))
         self._wake()
@@ -324,8 +333,10 @@ class DnsProxy:
                 return
             if command == "register":
                 self._register(listener)
-            else:
+            elif command == "close":
                 self._unregister(listener)
+            else:
+                self._on_tcp_upstream_answer(*listener)
 
     def _register(self, listener: _Listener) -> None:
         for name, sock in listener.sockets.items():
@@ -342,6 +353,7 @@ class DnsProxy:
             except (KeyError, ValueError):
                 pass
             sock.close()
+        os.close(listener.netns_fd)
         for key in [k for k, p in self._pending.items() if p.listener is listener]:
             del self._pending[key]
 
@@ -379,11 +391,12 @@ class DnsProxy:
         if not config.upstreams:
             respond(wire.error_reply(packet, wire.RCODE_SERVFAIL, query.question_end))
             return
-        self._forward(listener, config, query.question, packet, grants, respond, query.question_end)
+        self._forward(listener, config, query.question, packet, grants, respond, query.question_end,
+                      over_tcp=protocol == "tcp")
 
     def _forward(self, listener: _Listener | None, config: WorkloadDns, question: wire.Question, packet: bytes,
                  grants: list[NameGrant], respond: Callable[[bytes], None] | None,
-                 question_end: int | None = None, attempt: int = 0) -> None:
+                 question_end: int | None = None, attempt: int = 0, over_tcp: bool = False) -> None:
         upstream = config.upstreams[attempt % len(config.upstreams)]
         sock = listener.upstream_socket(upstream[0])
         if sock is None or len(self._pending) >= MAX_PENDING:
@@ -395,7 +408,7 @@ class DnsProxy:
             ident = random.getrandbits(16)
         self._pending[(id(sock), ident)] = _Pending(
             listener, config.name, struct.unpack_from("!H", packet)[0], question, grants, respond, packet,
-            question_end, time.monotonic() + UPSTREAM_TIMEOUT, attempt)
+            question_end, time.monotonic() + UPSTREAM_TIMEOUT, attempt, over_tcp)
         try:
             sock.sendto(wire.with_id(packet, ident), upstream)
         except OSError as e:
@@ -426,7 +439,46 @@ class DnsProxy:
             if response.question != pending.question:
                 continue  # not the answer to what was asked (a spoofing attempt)
             del self._pending[key]
+            if response.truncated and pending.over_tcp:
+                self._ask_over_tcp(pending, (source[0], source[1]))
+                continue
             self._release(config, pending, packet, response)
+
+    def _ask_over_tcp(self, pending: _Pending, upstream: Address) -> None:
+        """The answer did not fit UDP and the router asked over TCP: ask the same resolver
+        over TCP, from a short-lived thread inside the router's namespace (a rare path)."""
+        def exchange() -> bytes | None:
+            try:
+                with socket.create_connection(upstream, timeout=UPSTREAM_TIMEOUT) as conn:
+                    conn.sendall(struct.pack("!H", len(pending.packet)) + pending.packet)
+                    size = struct.unpack("!H", _read_exactly(conn, 2))[0]
+                    return _read_exactly(conn, size)
+            except (OSError, struct.error):
+                return None
+
+        def in_background() -> None:
+            try:
+                answer = in_netns(pending.listener.netns_fd, exchange)
+            except OSError:
+                answer = None  # the namespace is gone
+            self._commands.put(("tcp-answer", (pending, answer)))
+            self._wake()
+
+        threading.Thread(target=in_background, name="dns-tcp-upstream", daemon=True).start()
+
+    def _on_tcp_upstream_answer(self, pending: _Pending, packet: bytes | None) -> None:
+        config = self._workloads.get(pending.workload)
+        response = None
+        if packet is not None:
+            try:
+                response = wire.parse_response(packet)
+            except wire.DnsFormatError:
+                pass
+        if config is None or response is None or response.question != pending.question:
+            if pending.respond:
+                pending.respond(wire.error_reply(pending.packet, wire.RCODE_SERVFAIL, pending.question_end))
+            return
+        self._release(config, pending, packet, response)
 
     def _release(self, config: WorkloadDns, pending: _Pending, packet: bytes, response: wire.Response) -> None:
         """Allow the answer's addresses first, then hand the answer (with capped TTLs) out."""
@@ -470,7 +522,7 @@ class DnsProxy:
             config = self._workloads.get(pending.workload)
             if config and pending.listener and pending.attempt + 1 < len(config.upstreams):
                 self._forward(pending.listener, config, pending.question, pending.packet, pending.grants,
-                              pending.respond, pending.question_end, pending.attempt + 1)
+                              pending.respond, pending.question_end, pending.attempt + 1, pending.over_tcp)
             elif pending.respond:
                 pending.respond(wire.error_reply(pending.packet, wire.RCODE_SERVFAIL, pending.question_end))
             else:
@@ -626,6 +678,16 @@ def _sendto(sock: socket.socket, answer: bytes | None, peer: tuple) -> None:
         sock.sendto(answer, peer)
     except OSError:
         pass  # the asker is gone or its buffer is full: it will ask again
+
+
+def _read_exactly(conn: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = conn.recv(size - len(data))
+        if not chunk:
+            raise OSError("the resolver closed the connection")
+        data += chunk
+    return data
 
 
 def _owner_of(pids: list[int], protocol: str, local_port: int) -> int | None:

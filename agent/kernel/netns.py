@@ -30,23 +30,28 @@ def netns_cookie(sock: socket.socket) -> int:
 def in_netns_of(pid: int, work: Callable[[], T]) -> T:
     """Run `work` in a thread that has entered the network namespace of `pid`; the thread
     ends there, so no other thread of the agent moves."""
+    fd = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY)
+    try:
+        return in_netns(fd, work, f"the network namespace of {pid}")
+    finally:
+        os.close(fd)
+
+
+def in_netns(netns_fd: int, work: Callable[[], T], what: str = "a network namespace") -> T:
+    """Run `work` in a thread that has entered the namespace `netns_fd` refers to."""
     result: list[T] = []
     failure: list[BaseException] = []
 
     def enter_and_work() -> None:
         try:
-            fd = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY)
-            try:
-                if _libc.setns(fd, _CLONE_NEWNET) != 0:
-                    err = ctypes.get_errno()
-                    raise OSError(err, f"setns into the network namespace of {pid}: {os.strerror(err)}")
-            finally:
-                os.close(fd)
+            if _libc.setns(netns_fd, _CLONE_NEWNET) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, f"setns into {what}: {os.strerror(err)}")
             result.append(work())
         except BaseException as e:  # carried to the caller's thread
             failure.append(e)
 
-    worker = threading.Thread(target=enter_and_work, name=f"netns-{pid}")
+    worker = threading.Thread(target=enter_and_work, name="netns")
     worker.start()
     worker.join()
     if failure:
