@@ -264,11 +264,11 @@ def garbage():
 def test_fuzzed_packets_never_stop_the_live_proxy(lab, start_agent, dns_server):
     wl = unique_name("dns")
     agent = start_agent(dns_policy(wl), [wl])
-    assert query(lab, agent, wl, "api.provider.test")["rcodes"] == {"0": 1}  # the proxy is open in ROUTER
-    # A workload process that stays keeps the proxy open in ROUTER; its namespace is entered
-    # to reach the proxy directly, as no workload process would.
+    # A workload process that lives through the test keeps one proxy open in ROUTER; its
+    # namespace is entered to reach the proxy directly, as no workload process would.
     anchor = lab.run_in_router(agent.run_cmd(wl, ["sleep", "300"]))
-    time.sleep(1.5)  # the proxy the query opened, or a new one once the querier is gone
+    agent.wait_for(lambda e: e["kind"] == "process_joined" and e["process"]["pid"] == anchor.pid)
+    assert query(lab, agent, wl, "api.provider.test")["rcodes"] == {"0": 1}  # the anchor's proxy is open
     port = proxy_port(agent, wl)
     udp = in_netns_of(anchor.pid, lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
     udp.setblocking(False)
@@ -285,6 +285,7 @@ def test_fuzzed_packets_never_stop_the_live_proxy(lab, start_agent, dns_server):
 
     with udp:
         send()
+    assert replies, agent.log.read_text()
     for reply in replies:  # whatever came back is a well-formed refusal
         assert wire.parse_response(reply).rcode in (wire.RCODE_FORMERR, wire.RCODE_REFUSED, wire.RCODE_SERVFAIL, 0)
 
@@ -292,7 +293,10 @@ def test_fuzzed_packets_never_stop_the_live_proxy(lab, start_agent, dns_server):
         for chunk in (b"\x00", b"\xff\xff" + b"x" * 100, b"\x00\x05hello", struct.pack("!H", 3000) + b"\0" * 3000):
             with socket.create_connection(("127.0.0.1", port), timeout=2) as conn:
                 conn.sendall(chunk)
-    in_netns_of(anchor.pid, tcp_junk)
+    try:
+        in_netns_of(anchor.pid, tcp_junk)
+    except OSError as e:
+        raise AssertionError(f"{e}; agent log:\n{agent.log.read_text()}") from e
 
     assert query(lab, agent, wl, "api.provider.test")["rcodes"] == {"0": 1}
     assert query(lab, agent, wl, "api.provider.test", "--tcp")["rcodes"] == {"0": 1}

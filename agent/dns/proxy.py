@@ -12,7 +12,7 @@ import ipaddress
 import logging
 import os
 import queue
-import random
+import secrets
 import selectors
 import socket
 import struct
@@ -194,6 +194,7 @@ class DnsProxy:
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)  # a full pipe already means "wake up"
         self._selector.register(self._wake_r, selectors.EVENT_READ, self._on_wake)
         self._pending: dict[tuple[int, int], _Pending] = {}  # (id of the upstream socket, query id)
         self._allowed_counts: Counter = Counter()
@@ -403,9 +404,11 @@ class DnsProxy:
             if respond:
                 respond(wire.error_reply(packet, wire.RCODE_SERVFAIL, question_end))
             return
-        ident = random.getrandbits(16)
+        # Unpredictable ids: with the resolver's address and the question, what tells its
+        # answer from a forged one.
+        ident = secrets.randbits(16)
         while (id(sock), ident) in self._pending:
-            ident = random.getrandbits(16)
+            ident = secrets.randbits(16)
         self._pending[(id(sock), ident)] = _Pending(
             listener, config.name, struct.unpack_from("!H", packet)[0], question, grants, respond, packet,
             question_end, time.monotonic() + UPSTREAM_TIMEOUT, attempt, over_tcp)
