@@ -8,6 +8,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import queue
 import socket
 import threading
 import time
@@ -18,6 +19,8 @@ from typing import Any
 import psutil
 
 from agent import actions, cgroups
+from agent.dns.names import NameMatcher
+from agent.dns.proxy import DnsProxy, WorkloadDns, parse_upstreams
 from agent.events import Destination, Event, EventBus, EventKind, ProcessInfo
 from agent.events.process import describe_process
 from agent.kernel.loader import PORT_ANY, AllowEntry, KernelPrograms
@@ -82,6 +85,8 @@ class Agent:
         self.bus = bus
         self.policy: Policy | None = None
         self.kernel: KernelPrograms | None = None
+        self.dns: DnsProxy | None = None
+        self._dns_events: queue.SimpleQueue = queue.SimpleQueue()  # from the proxy's thread
         self.workloads: dict[str, RunningWorkload] = {}
         self._lock = threading.RLock()
         self._stop = threading.Event()
@@ -100,6 +105,8 @@ class Agent:
         policy = load_policy(self.policy_path)  # PolicyError: nothing to enforce, refuse to start
         self.kernel = KernelPrograms()
         self.kernel.on_record(self._on_record)
+        self.dns = DnsProxy(self.kernel, self._dns_events)
+        self.dns.start()
         with self._lock:
             self._apply(policy)
         seconds = time.monotonic() - started
@@ -114,6 +121,7 @@ class Agent:
         next_check = 0.0
         while not self._stop.is_set():
             self.kernel.poll(100)
+            self._publish_dns_events()
             if self._reload_wanted.is_set():
                 self._reload_wanted.clear()
                 self.reload()
@@ -122,6 +130,8 @@ class Agent:
                 with self._lock:
                     self._report_lost_records()
                     self._attach_new_unit_cgroups()
+                self.dns.sweep()
+        self.dns.stop()
         self._publish(Event(EventKind.AGENT_STOPPED, detail={
             "enforcement": "left attached: workloads stay enforced until the agent returns"}))
 
@@ -188,11 +198,43 @@ class Agent:
         # against the new list and nothing allowed by both policies is cut in between.
         self.kernel.set_listen_ports(running.index, spec.listen)
         self.kernel.replace_allowlist(running.index, allow_entries(spec))
-        self.kernel.set_workload(running.index, mode=spec.mode, quarantined=running.quarantined)
+        # The proxy listens where the workload's processes are before the kernel sends it queries.
+        dns = self._dns_config(running)
+        self.dns.set_workload(spec.name, dns)
+        self._open_dns_for(running, [p for c in running.cgroup_dirs for p in cgroups.pids(c)])
+        self.kernel.set_workload(running.index, mode=spec.mode, quarantined=running.quarantined, dns=dns is not None)
         if spec.match.systemd_unit and running.unit_cgroup is None:
             running.unit_cgroup = cgroups.find_unit_cgroup(spec.match.systemd_unit, self._cgroup_root)
         for cgroup in running.cgroup_dirs:
             self._guard_cgroup(running, cgroup)
+
+    @staticmethod
+    def _dns_config(running: RunningWorkload) -> WorkloadDns | None:
+        """The DNS proxy's view of a workload; None when it has no fqdn rule (its port 53 is
+        then judged by its cidr rules like any other port)."""
+        spec = running.spec
+        matcher = NameMatcher(spec.allow)
+        if not matcher:
+            return None
+        return WorkloadDns(spec.name, running.index, spec.mode, matcher, parse_upstreams(spec.dns.upstream),
+                           spec.dns.grace_seconds,
+                           lambda: [p for c in running.cgroup_dirs for p in cgroups.pids(c)])
+
+    def _open_dns_for(self, running: RunningWorkload, pids: list[int]) -> None:
+        for pid in pids:
+            self.dns.open_for(running.spec.name, pid)
+
+    def _publish_dns_events(self) -> None:
+        while True:
+            try:
+                event = self._dns_events.get_nowait()
+            except queue.Empty:
+                return
+            with self._lock:
+                self._publish(event)
+                running = self.workloads.get(event.workload)
+                if event.kind == EventKind.DNS_DENIED and event.verdict == "deny" and running and not running.quarantined:
+                    self._respond(running, event)
 
     def _guard_cgroup(self, running: RunningWorkload, cgroup: Path) -> None:
         cgroup_id = cgroups.cgroup_id(cgroup)
@@ -201,7 +243,9 @@ class Agent:
         replaced = self.kernel.attach(cgroup)
         if replaced:
             log.info("took over %d program(s) an earlier agent attached to %s", replaced, cgroup)
-        self.kernel.add_members(running.index, cgroups.pids(cgroup))
+        pids = cgroups.pids(cgroup)
+        self.kernel.add_members(running.index, pids)
+        self._open_dns_for(running, pids)
 
     def _attach_new_unit_cgroups(self) -> None:
         for running in self.workloads.values():
@@ -219,6 +263,7 @@ class Agent:
             self.kernel.detach(cgroup)
         for cgroup_id in running.bound_ids:
             self.kernel.unbind_cgroup(cgroup_id)
+        self.dns.set_workload(running.spec.name, None)
         self.kernel.deactivate_workload(running.index)
 
     # --- discovery ---------------------------------------------------------------------
@@ -248,6 +293,7 @@ class Agent:
         except (FileNotFoundError, ProcessLookupError):
             return  # exited meanwhile
         self.kernel.add_members(running.index, [pid])
+        self._open_dns_for(running, [pid])
         self._cut_disallowed_sockets(running, pid)
 
     def _cut_disallowed_sockets(self, running: RunningWorkload, pid: int) -> None:
@@ -285,6 +331,7 @@ class Agent:
                 Kind.EXEC: self._on_exec,
                 Kind.EXIT: self._on_exit,
                 Kind.CGROUP_ATTACH: self._on_cgroup_attach,
+                Kind.DNS_PENDING: self._on_dns_pending,
             }.get(record.kind, self._on_verdict)
             handler(record)
 
@@ -356,6 +403,13 @@ class Agent:
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             pass
 
+    def _on_dns_pending(self, record: KernelRecord) -> None:
+        """A query from a namespace where the proxy was not open yet: the kernel refused it
+        (fail closed); open the proxy there so the asker's retry finds it."""
+        running = self._workload_at(record.workload)
+        if running is not None:
+            self._open_dns_for(running, [record.tgid])
+
     def _on_exit(self, record: KernelRecord) -> None:
         running = self._workload_at(record.workload)
         if running is not None:
@@ -371,6 +425,8 @@ class Agent:
             self._on_escape(left, moved, destination, writer)
             return
         arrived = next((w for w in self.workloads.values() if w.contains(destination)), None)
+        if arrived is not None:
+            self._open_dns_for(arrived, [moved])
         if arrived is not None and left is None:
             reason = self._joined_by_agent.pop(moved, None) or f"moved in by {record.comm} ({record.tgid})"
             self._publish(Event(EventKind.PROCESS_JOINED, workload=arrived.spec.name,

@@ -27,6 +27,7 @@
 #define EV_EXEC 5
 #define EV_EXIT 6
 #define EV_CGROUP_ATTACH 7
+#define EV_DNS_PENDING 8  // a DNS query from a network namespace where the proxy is not open yet
 
 #define VERDICT_ALLOW 1
 #define VERDICT_DENY 2
@@ -44,7 +45,7 @@ struct workload_state {
     u32 active;
     u32 mode;
     u32 quarantined;
-    u32 pad;
+    u32 dns;  // port 53 goes to the agent's DNS proxy (the workload has fqdn rules)
     u64 generation;  // bumped on every policy change: the backstop re-checks cached verdicts
 };
 
@@ -107,6 +108,24 @@ struct reported_key {
 BPF_TABLE("lru_hash", struct reported_key, u8, backstop_reported, 16384);
 BPF_RINGBUF_OUTPUT(events, 1024);  // pages: 4 MiB
 
+// DNS redirection (agent/dns). The proxy listens on loopback inside every network
+// namespace where the workload has processes, one port per namespace and workload.
+#define DNS_PORT 53
+struct dns_proxy_key {
+    u64 netns;  // bpf_get_netns_cookie
+    u32 workload;
+    u32 pad;
+};
+BPF_HASH(dns_proxy, struct dns_proxy_key, u32, 4096);  // value: the proxy's port, host order
+// The resolver a redirected socket asked, so replies and getpeername show it, not the proxy.
+struct dns_origin {
+    u8 addr[16];  // as the socket wrote it (IPv4 as ::ffff:a.b.c.d)
+    u16 port;  // network order
+    u16 proxy_port;  // network order
+    u32 pad;
+};
+BPF_TABLE("lru_hash", u64, struct dns_origin, dns_origin, 65536);
+
 static __always_inline void emit(struct event *ev) {
     if (events.ringbuf_output(ev, sizeof(*ev), 0) < 0) {
         u32 zero = 0;
@@ -160,22 +179,26 @@ static __always_inline struct workload_state *guarded_workload_of_current(u32 *w
     return workload_of_current(wl) ? active_state(wl) : 0;
 }
 
-static __always_inline int lookup_allowed(struct allow_key *key, u8 proto, u16 port) {
+// An expired entry (a DNS answer's lifetime is over) refuses new connections only: the
+// backstop passes `honour_expiry` 0, so established ones go on until the agent removes the
+// entry, which it does once no socket uses it.
+static __always_inline int lookup_allowed(struct allow_key *key, u8 proto, u16 port, int honour_expiry) {
     key->proto = proto;
     key->port = port;
     struct allow_value *v = allow.lookup(key);
     if (!v)
         return 0;
-    return v->expires_ns == 0 || v->expires_ns > bpf_ktime_get_ns();
+    return !honour_expiry || v->expires_ns == 0 || v->expires_ns > bpf_ktime_get_ns();
 }
 
-static __always_inline int destination_allowed(u32 wl, const u8 addr[16], u8 proto, u16 port) {
+static __always_inline int destination_allowed(u32 wl, const u8 addr[16], u8 proto, u16 port, int honour_expiry) {
     struct allow_key key = {};
     key.prefixlen = 64 + 128;
     key.workload = wl;
     __builtin_memcpy(key.addr, addr, 16);
-    return lookup_allowed(&key, proto, port) || lookup_allowed(&key, proto, PORT_ANY) ||
-           lookup_allowed(&key, IPPROTO_ANY, port) || lookup_allowed(&key, IPPROTO_ANY, PORT_ANY);
+    return lookup_allowed(&key, proto, port, honour_expiry) || lookup_allowed(&key, proto, PORT_ANY, honour_expiry) ||
+           lookup_allowed(&key, IPPROTO_ANY, port, honour_expiry) ||
+           lookup_allowed(&key, IPPROTO_ANY, PORT_ANY, honour_expiry);
 }
 
 static __always_inline void ipv4_mapped(u32 ip4_be, u8 out[16]) {
@@ -201,6 +224,89 @@ static __always_inline void fill_task(struct event *ev) {
     ev->ktime_ns = bpf_ktime_get_ns();
 }
 
+static __always_inline int is_ipv4_mapped(const u8 a[16]) {
+    u64 high;
+    u32 mid;
+    __builtin_memcpy(&high, a, 8);
+    __builtin_memcpy(&mid, a + 8, 4);
+    return high == 0 && mid == bpf_htonl(0xffff);
+}
+
+// Port 53 of a DNS workload goes to its proxy in the caller's network namespace, whatever
+// resolver was asked; the allowlist does not judge it (the proxy does, name by name).
+// No proxy there yet: refused (no query leaves unjudged), and the agent is told to open one.
+static __always_inline int redirect_dns(struct bpf_sock_addr *ctx, u32 wl, struct workload_state *st,
+                                        struct event *ev, int v6) {
+    struct dns_proxy_key pk = {.netns = bpf_get_netns_cookie(ctx), .workload = wl};
+    u32 *port = dns_proxy.lookup(&pk);
+    if (!port) {
+        fill_task(ev);
+        ev->kind = EV_DNS_PENDING;
+        ev->workload = wl;
+        ev->verdict = st->mode == MODE_MONITOR ? VERDICT_OBSERVE : VERDICT_DENY;
+        ev->cookie = bpf_get_socket_cookie(ctx);
+        emit(ev);
+        return st->mode == MODE_MONITOR;
+    }
+    struct dns_origin origin = {};
+    __builtin_memcpy(origin.addr, ev->daddr, 16);
+    origin.port = bpf_htons(DNS_PORT);
+    origin.proxy_port = bpf_htons((u16)*port);
+    u64 cookie = bpf_get_socket_cookie(ctx);
+    dns_origin.update(&cookie, &origin);
+    if (!v6) {
+        ctx->user_ip4 = bpf_htonl(0x7f000001);
+    } else if (is_ipv4_mapped(ev->daddr)) {
+        ctx->user_ip6[0] = 0;
+        ctx->user_ip6[1] = 0;
+        ctx->user_ip6[2] = bpf_htonl(0xffff);
+        ctx->user_ip6[3] = bpf_htonl(0x7f000001);
+    } else {
+        ctx->user_ip6[0] = 0;
+        ctx->user_ip6[1] = 0;
+        ctx->user_ip6[2] = 0;
+        ctx->user_ip6[3] = bpf_htonl(1);
+    }
+    ctx->user_port = origin.proxy_port;
+    return 1;
+}
+
+// recvmsg and getpeername of a redirected socket: what came from the proxy appears to come
+// from the resolver the socket asked, so resolvers that check the reply's source accept it.
+static __always_inline int restore_dns_origin(struct bpf_sock_addr *ctx, int v6) {
+    u64 cookie = bpf_get_socket_cookie(ctx);
+    struct dns_origin *origin = dns_origin.lookup(&cookie);
+    if (!origin || ctx->user_port != origin->proxy_port)
+        return 1;
+    if (!v6) {
+        if (ctx->user_ip4 != bpf_htonl(0x7f000001))
+            return 1;
+        u32 ip4;
+        __builtin_memcpy(&ip4, origin->addr + 12, 4);
+        ctx->user_ip4 = ip4;
+    } else {
+        u32 w3 = ctx->user_ip6[3];
+        u32 w2 = ctx->user_ip6[2];
+        int from_proxy = ctx->user_ip6[0] == 0 && ctx->user_ip6[1] == 0 &&
+                         ((w2 == 0 && w3 == bpf_htonl(1)) || (w2 == bpf_htonl(0xffff) && w3 == bpf_htonl(0x7f000001)));
+        if (!from_proxy)
+            return 1;
+        u32 ip6[4];
+        __builtin_memcpy(ip6, origin->addr, 16);
+        ctx->user_ip6[0] = ip6[0];
+        ctx->user_ip6[1] = ip6[1];
+        ctx->user_ip6[2] = ip6[2];
+        ctx->user_ip6[3] = ip6[3];
+    }
+    ctx->user_port = origin->port;
+    return 1;
+}
+
+int ew_recvmsg4(struct bpf_sock_addr *ctx) { return restore_dns_origin(ctx, 0); }
+int ew_recvmsg6(struct bpf_sock_addr *ctx) { return restore_dns_origin(ctx, 1); }
+int ew_getpeername4(struct bpf_sock_addr *ctx) { return restore_dns_origin(ctx, 0); }
+int ew_getpeername6(struct bpf_sock_addr *ctx) { return restore_dns_origin(ctx, 1); }
+
 // connect4/6 and sendmsg4/6 share one check. Returns 1 to let the call through, 0 for EPERM.
 static __always_inline int check_sock_addr(struct bpf_sock_addr *ctx, u32 kind, int v6) {
     u32 wl;
@@ -224,7 +330,10 @@ static __always_inline int check_sock_addr(struct bpf_sock_addr *ctx, u32 kind, 
     ev.dport = bpf_ntohs((u16)ctx->user_port);
     ev.proto = (u8)ctx->protocol;
 
-    int verdict = verdict_for(st, destination_allowed(wl, ev.daddr, ev.proto, ev.dport));
+    if (st->dns && ev.dport == DNS_PORT && !st->quarantined)
+        return redirect_dns(ctx, wl, st, &ev, v6);
+
+    int verdict = verdict_for(st, destination_allowed(wl, ev.daddr, ev.proto, ev.dport, 1));
     if (verdict == VERDICT_ALLOW)
         return 1;
 
@@ -309,14 +418,32 @@ static __always_inline int parse_packet(struct __sk_buff *skb, struct packet_des
     return -1;
 }
 
-static __always_inline int packet_allowed(u32 wl, struct packet_dest *d) {
+static __always_inline int is_loopback(const u8 a[16]) {
+    u64 high;
+    u32 w2, w3;
+    __builtin_memcpy(&high, a, 8);
+    __builtin_memcpy(&w2, a + 8, 4);
+    __builtin_memcpy(&w3, a + 12, 4);
+    return high == 0 && ((w2 == 0 && w3 == bpf_htonl(1)) || (w2 == bpf_htonl(0xffff) && a[12] == 127));
+}
+
+// A packet to the workload's DNS proxy in this network namespace (a query redirected above).
+static __always_inline int to_dns_proxy(struct __sk_buff *skb, u32 wl, struct packet_dest *d) {
+    if (!is_loopback(d->addr))
+        return 0;
+    struct dns_proxy_key pk = {.netns = bpf_get_netns_cookie(skb), .workload = wl};
+    u32 *port = dns_proxy.lookup(&pk);
+    return port && *port == d->dport;
+}
+
+static __always_inline int packet_allowed(struct __sk_buff *skb, u32 wl, struct packet_dest *d) {
     if (d->has_ports) {
         struct listen_key lk = {.workload = wl, .port = d->sport};
         if (d->proto == IPPROTO_TCP && listen_ports.lookup(&lk))
             return 1;
-        return destination_allowed(wl, d->addr, d->proto, d->dport);
+        return destination_allowed(wl, d->addr, d->proto, d->dport, 0) || to_dns_proxy(skb, wl, d);
     }
-    return destination_allowed(wl, d->addr, d->proto, PORT_ANY);
+    return destination_allowed(wl, d->addr, d->proto, PORT_ANY, 0);
 }
 
 // The backstop: every packet a workload's sockets send, including sockets no address hook
@@ -331,7 +458,7 @@ int ew_egress(struct __sk_buff *skb) {
     struct packet_dest d = {};
     if (parse_packet(skb, &d) < 0)
         return 1;  // not IP: nothing the allowlist speaks of
-    int verdict = verdict_for(st, packet_allowed(wl, &d));
+    int verdict = verdict_for(st, packet_allowed(skb, wl, &d));
     if (verdict == VERDICT_ALLOW)
         return 1;
 

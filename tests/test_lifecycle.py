@@ -246,7 +246,7 @@ def test_restart_takes_over_without_a_window_or_duplicates(lab, start_agent, nam
     attacker = lab.serve(Lab.ATTACKER4, 443)
     agent = start_agent(allow_provider(wl), [wl])
     before = attached_warden_programs(agent.cgroup(wl))
-    assert len(before) == 6
+    assert len(before) == 10  # connect, sendmsg, recvmsg, getpeername (4 and 6), sock_create, egress
     probe = lab.run_in_router(agent.router_cmd(wl, "probe", Lab.ATTACKER4, "443", "--seconds", "6"),
                               stdout=-1, stderr=-1, text=True)
     time.sleep(0.5)

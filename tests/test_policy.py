@@ -138,13 +138,18 @@ def test_full_policy_is_normalized() -> None:
     assert workload.hooks == Hooks(("/usr/local/bin/rotate-keys",), ("/usr/local/bin/page",))
 
 
-def test_fqdn_rule_is_accepted_with_a_notice_that_it_is_not_enforced_yet() -> None:
+def test_fqdn_rule_is_accepted_without_notice() -> None:
     policy = parse_policy(one_workload("allow:\n  - fqdn: '*.openai.azure.com'\n"), "p.yaml")
     assert policy.workload("app").allow[0].value == "*.openai.azure.com"
-    assert policy.notices == (
-        'p.yaml:5: workloads[0].allow[0].fqdn: "*.openai.azure.com" is accepted but not yet enforced '
-        "(DNS-aware allowlists come later); only cidr rules are enforced",
-    )
+    assert policy.notices == ()
+
+
+def test_dns_grace_defaults_and_has_a_floor() -> None:
+    assert parse_policy(MINIMAL).workloads[0].dns.grace_seconds == 60
+    assert parse_policy(MINIMAL + "    dns:\n      grace_seconds: 5\n").workloads[0].dns.grace_seconds == 5
+    with pytest.raises(PolicyError) as error:
+        parse_policy(MINIMAL + "    dns:\n      grace_seconds: 0\n")
+    assert "workloads[0].dns.grace_seconds: must be at least 1 s" in str(error.value)
 
 
 @pytest.mark.parametrize(
@@ -501,8 +506,6 @@ def test_cli_check_ok_prints_a_summary_and_notes(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert result.stdout.splitlines() == [
         f"OK: {path} (2 workloads: app (enforce), proxy (monitor))",
-        f'note: {path}:9: workloads[1].allow[0].fqdn: "api.openai.com" is accepted but not yet enforced '
-        "(DNS-aware allowlists come later); only cidr rules are enforced",
     ]
     assert result.stderr == ""
 
@@ -531,7 +534,7 @@ def test_cli_check_json_ok(tmp_path: Path) -> None:
     assert document["workloads"][0]["allow"] == [
         {"kind": "cidr", "value": "10.20.0.0/16", "ports": [], "protocol": "any", "line": 5}
     ]
-    assert len(document["notices"]) == 1
+    assert document["notices"] == []
 
 
 def test_cli_check_json_problems_exit_1(tmp_path: Path) -> None:

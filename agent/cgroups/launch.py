@@ -5,10 +5,15 @@ from __future__ import annotations
 import ctypes
 import os
 import pwd
+import socket
+import time
 from pathlib import Path
 
 from agent import cgroups
-from agent.kernel.loader import attached_warden_programs
+from agent.kernel.loader import attached_warden_programs, dns_proxy_ready
+from agent.kernel.netns import netns_cookie
+
+DNS_PROXY_WAIT = 10.0
 
 # Capabilities that open a way around the agent: raw and packet sockets (NET_RAW),
 # interfaces, routes and namespaces (NET_ADMIN, SYS_ADMIN), other processes' sockets
@@ -78,10 +83,26 @@ def switch_user(user: str) -> None:
     os.environ.update(HOME=entry.pw_dir, USER=entry.pw_name, LOGNAME=entry.pw_name)
 
 
+def wait_for_dns_proxy(cgroup: Path, timeout: float = DNS_PROXY_WAIT) -> None:
+    """A DNS workload's queries are refused until the agent's DNS proxy listens in this
+    network namespace (it opens it when it sees us join): wait for that, so the command's
+    first lookup is answered."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        cookie = netns_cookie(probe)
+    cgroup_id = cgroups.cgroup_id(cgroup)
+    deadline = time.monotonic() + timeout
+    while dns_proxy_ready(cgroup, cgroup_id, cookie) is False:
+        if time.monotonic() > deadline:
+            raise LaunchError(f"the agent's DNS proxy did not open in this network namespace within {timeout:.0f} s: "
+                              "is the agent running? (its log says why)")
+        time.sleep(0.01)
+
+
 def exec_in_workload(workload: str, argv: list[str], *, user: str | None, keep_capabilities: bool) -> None:
     """Never returns: the current process becomes `argv`, inside the workload."""
     cgroup = enforced_cgroup(workload)
     cgroups.move_pid(cgroup, os.getpid())
+    wait_for_dns_proxy(cgroup)
     if not keep_capabilities:
         drop_escape_capabilities()
     if user:

@@ -19,7 +19,8 @@ def run_command(workload: str, command: tuple[str, ...], user: str | None, keep_
     The process joins the cgroup before exec, so it never runs unguarded and holds
     no socket opened outside. Unless --keep-capabilities is given, these leave its
     bounding, inheritable and ambient sets first: {caps}.
-    The agent must be running with a policy naming WORKLOAD.
+    The agent must be running with a policy naming WORKLOAD. If WORKLOAD has fqdn
+    rules, it waits until the agent's DNS proxy listens in this network namespace.
 
     \b
     Example:

@@ -11,6 +11,8 @@ class EventKind(str, enum.Enum):
     EGRESS_DENIED = "egress_denied"
     EGRESS_OBSERVED = "egress_observed"
     SOCKET_DESTROYED = "socket_destroyed"
+    DNS_DENIED = "dns_denied"
+    DNS_ALLOWED = "dns_allowed"
     PROCESS_JOINED = "process_joined"
     PROCESS_EXEC = "process_exec"
     PROCESS_EXITED = "process_exited"

@@ -10,9 +10,11 @@ import struct
 from dataclasses import dataclass
 
 _BPF_SYSCALL = {"x86_64": 321, "aarch64": 280}[platform.machine()]
+_BPF_MAP_LOOKUP_ELEM = 1
 _BPF_PROG_ATTACH = 8
 _BPF_PROG_DETACH = 9
 _BPF_PROG_GET_FD_BY_ID = 13
+_BPF_MAP_GET_FD_BY_ID = 14
 _BPF_OBJ_GET_INFO_BY_FD = 15
 _BPF_PROG_QUERY = 16
 
@@ -20,6 +22,10 @@ BPF_F_ALLOW_MULTI = 2
 _ATTR_SIZE = 128  # larger than every bpf_attr member used here; the kernel wants the tail zeroed
 _PROG_INFO_SIZE = 232
 _PROG_INFO_NAME = slice(64, 80)
+_PROG_INFO_NR_MAP_IDS = 52
+_PROG_INFO_MAP_IDS = 56
+_MAP_INFO_SIZE = 96
+_MAP_INFO_NAME = slice(24, 40)
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
@@ -98,3 +104,38 @@ def program_id(prog_fd: int) -> int:
     info = ctypes.create_string_buffer(_PROG_INFO_SIZE)
     _bpf(_BPF_OBJ_GET_INFO_BY_FD, _attr("IIQ", prog_fd, _PROG_INFO_SIZE, ctypes.addressof(info)))
     return struct.unpack_from("I", info, 4)[0]
+
+
+def program_map_names(prog_fd: int, capacity: int = 64) -> dict[str, int]:
+    """The maps a program uses, by name (bcc truncates names to 15 characters) -> map id."""
+    ids = (ctypes.c_uint32 * capacity)()
+    info = ctypes.create_string_buffer(_PROG_INFO_SIZE)
+    struct.pack_into("I", info, _PROG_INFO_NR_MAP_IDS, capacity)
+    struct.pack_into("Q", info, _PROG_INFO_MAP_IDS, ctypes.addressof(ids))
+    _bpf(_BPF_OBJ_GET_INFO_BY_FD, _attr("IIQ", prog_fd, _PROG_INFO_SIZE, ctypes.addressof(info)))
+    count = min(struct.unpack_from("I", info, _PROG_INFO_NR_MAP_IDS)[0], capacity)
+    names = {}
+    for map_id in ids[:count]:
+        fd = _bpf(_BPF_MAP_GET_FD_BY_ID, _attr("I", map_id))
+        try:
+            map_info = ctypes.create_string_buffer(_MAP_INFO_SIZE)
+            _bpf(_BPF_OBJ_GET_INFO_BY_FD, _attr("IIQ", fd, _MAP_INFO_SIZE, ctypes.addressof(map_info)))
+            names[map_info.raw[_MAP_INFO_NAME].split(b"\0", 1)[0].decode()] = map_id
+        finally:
+            os.close(fd)
+    return names
+
+
+def map_lookup(map_id: int, key: bytes, value_size: int) -> bytes | None:
+    """The value under `key` in the map with id `map_id`, or None when there is none."""
+    fd = _bpf(_BPF_MAP_GET_FD_BY_ID, _attr("I", map_id))
+    try:
+        key_buf = ctypes.create_string_buffer(key, len(key))
+        value = ctypes.create_string_buffer(value_size)
+        try:
+            _bpf(_BPF_MAP_LOOKUP_ELEM, _attr("IIQQ", fd, 0, ctypes.addressof(key_buf), ctypes.addressof(value)))
+        except FileNotFoundError:
+            return None
+        return value.raw
+    finally:
+        os.close(fd)

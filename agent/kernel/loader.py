@@ -7,6 +7,7 @@ import ipaddress
 import logging
 import os
 import socket
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,10 @@ def _hooks() -> tuple[Hook, ...]:
         Hook("ew_connect6", P.CGROUP_SOCK_ADDR, A.CGROUP_INET6_CONNECT),
         Hook("ew_sendmsg4", P.CGROUP_SOCK_ADDR, A.CGROUP_UDP4_SENDMSG),
         Hook("ew_sendmsg6", P.CGROUP_SOCK_ADDR, A.CGROUP_UDP6_SENDMSG),
+        Hook("ew_recvmsg4", P.CGROUP_SOCK_ADDR, A.CGROUP_UDP4_RECVMSG),
+        Hook("ew_recvmsg6", P.CGROUP_SOCK_ADDR, A.CGROUP_UDP6_RECVMSG),
+        Hook("ew_getpeername4", P.CGROUP_SOCK_ADDR, A.CGROUP_INET4_GETPEERNAME),
+        Hook("ew_getpeername6", P.CGROUP_SOCK_ADDR, A.CGROUP_INET6_GETPEERNAME),
         Hook("ew_sock_create", P.CGROUP_SOCK, A.CGROUP_INET_SOCK_CREATE),
         Hook("ew_egress", P.CGROUP_SKB, A.CGROUP_INET_EGRESS),
     )
@@ -81,6 +86,10 @@ class KernelPrograms:
         self._own_ids = {bpfsys.program_id(f.fd) for f in self._functions.values()}
         self._allow = self._bpf[b"allow"]
         self._allowed: dict[int, set[tuple[bytes, int]]] = {}
+        # DNS answers' entries by workload: (key bytes, prefixlen) -> expires_ns. Written by
+        # the DNS proxy's thread, so the allow map's bookkeeping takes a lock.
+        self._dynamic: dict[int, dict[tuple[bytes, int], int]] = {}
+        self._allow_lock = threading.Lock()
         self._generation = 0
         self.load_seconds = time.monotonic() - started
 
@@ -110,7 +119,7 @@ class KernelPrograms:
 
     # --- maps ----------------------------------------------------------------------
 
-    def set_workload(self, index: int, *, mode: str, quarantined: bool) -> None:
+    def set_workload(self, index: int, *, mode: str, quarantined: bool, dns: bool = False) -> None:
         """Activate or update a workload. Bumps its generation, so the egress backstop
         re-judges every established socket against the current allowlist."""
         table = self._bpf[b"workloads"]
@@ -119,12 +128,14 @@ class KernelPrograms:
         state.active = 1
         state.mode = MODES[mode]
         state.quarantined = int(quarantined)
+        state.dns = int(dns)
         state.generation = self._generation
         table[ctypes.c_int(index)] = state
 
     def deactivate_workload(self, index: int) -> None:
         self._bpf[b"workloads"][ctypes.c_int(index)] = self._bpf[b"workloads"].Leaf()
         self.replace_allowlist(index, [])
+        self.forget_dns_entries(index)
         self.set_listen_ports(index, [])
 
     def bind_cgroup(self, cgroup_id: int, index: int) -> None:
@@ -155,25 +166,94 @@ class KernelPrograms:
             table[key] = ctypes.c_uint8(1)
 
     def replace_allowlist(self, index: int, entries: Iterable[AllowEntry]) -> None:
-        """Make the workload's allowlist exactly `entries`: new ones go in before old ones
-        go out, so a destination kept by both policies is never refused in between."""
+        """Make the workload's static allowlist exactly `entries`: new ones go in before old
+        ones go out, so a destination kept by both policies is never refused in between.
+        Entries from DNS answers stay (a policy reload does not forget what was resolved)."""
         wanted = {}
         for entry in entries:
             key = self._allow_key(index, entry)
             wanted[(bytes(key), key.prefixlen)] = (key, entry)
-        for key, entry in wanted.values():
-            value = self._allow.Leaf()
-            value.expires_ns = entry.expires_ns
-            value.rule = entry.rule
-            self._allow[key] = value
-        current = self._allowed.get(index, set())
-        for stale in current - wanted.keys():
-            key = self._allow.Key.from_buffer_copy(stale[0])
-            try:
-                del self._allow[key]
-            except KeyError:
-                pass
-        self._allowed[index] = set(wanted.keys())
+        with self._allow_lock:
+            for key, entry in wanted.values():
+                self._write_allow(key, entry.expires_ns, entry.rule)
+            dynamic = self._dynamic.get(index, {})
+            for stale in self._allowed.get(index, set()) - wanted.keys():
+                key = self._allow.Key.from_buffer_copy(stale[0])
+                if stale in dynamic:
+                    self._write_allow(key, dynamic[stale], 0)  # a DNS answer still holds it
+                else:
+                    self._delete_allow(key)
+            self._allowed[index] = set(wanted.keys())
+
+    def allow_until(self, index: int, entries: Iterable[AllowEntry], slack_ns: int = 0) -> None:
+        """Allow DNS answers' addresses until each entry's expires_ns (CLOCK_MONOTONIC). An
+        entry never shortens a later expiry already written. An address the static list also
+        allows is only remembered, so that it stays allowed if a reload drops the static rule.
+        An entry already lasting until `slack_ns` before the new expiry is left as it is
+        (saves a map write per answer of a busy name)."""
+        with self._allow_lock:
+            static = self._allowed.get(index, set())
+            dynamic = self._dynamic.setdefault(index, {})
+            for entry in entries:
+                key = self._allow_key(index, entry)
+                ident = (bytes(key), key.prefixlen)
+                if dynamic.get(ident, 0) >= entry.expires_ns - slack_ns:
+                    continue
+                dynamic[ident] = entry.expires_ns
+                if ident not in static:
+                    self._write_allow(key, entry.expires_ns, entry.rule)
+
+    def remove_dns_entries(self, index: int, now_ns: int, keep: Callable[[str, int, int], bool]) -> int:
+        """Delete expired DNS entries of the workload unless `keep(address, protocol, port)`
+        (an established socket still uses it). Returns how many went."""
+        removed = 0
+        with self._allow_lock:
+            dynamic = self._dynamic.get(index, {})
+            static = self._allowed.get(index, set())
+            for ident, expires in list(dynamic.items()):
+                if expires > now_ns or keep(*self._describe_key(ident[0])):
+                    continue
+                del dynamic[ident]
+                if ident not in static:
+                    self._delete_allow(self._allow.Key.from_buffer_copy(ident[0]))
+                removed += 1
+        return removed
+
+    def forget_dns_entries(self, index: int) -> None:
+        with self._allow_lock:
+            static = self._allowed.get(index, set())
+            for ident in self._dynamic.pop(index, {}):
+                if ident not in static:
+                    self._delete_allow(self._allow.Key.from_buffer_copy(ident[0]))
+
+    def _describe_key(self, raw: bytes) -> tuple[str, int, int]:
+        key = self._allow.Key.from_buffer_copy(raw)
+        addr = ipaddress.IPv6Address(bytes(key.addr))
+        return str(addr.ipv4_mapped or addr), key.proto, key.port
+
+    def _write_allow(self, key, expires_ns: int, rule: int) -> None:
+        value = self._allow.Leaf()
+        value.expires_ns = expires_ns
+        value.rule = rule
+        self._allow[key] = value
+
+    def _delete_allow(self, key) -> None:
+        try:
+            del self._allow[key]
+        except KeyError:
+            pass
+
+    def set_dns_proxy(self, netns_cookie: int, index: int, port: int | None) -> None:
+        """Point the workload's port 53 in that network namespace at the proxy's loopback
+        port, or (None) refuse it again."""
+        table = self._bpf[b"dns_proxy"]
+        key = table.Key()
+        key.netns = netns_cookie
+        key.workload = index
+        if port is not None:
+            table[key] = ctypes.c_uint32(port)
+        elif key in table:
+            del table[key]
 
     def _allow_key(self, index: int, entry: AllowEntry):
         addr, prefixlen = mapped_network(entry.network)
@@ -234,3 +314,29 @@ def detach_all(cgroup: Path) -> int:
     finally:
         os.close(fd)
     return len(programs)
+
+
+def dns_proxy_ready(cgroup: Path, cgroup_id: int, netns_cookie: int) -> bool | None:
+    """Read from the agent's own maps (found through the programs attached to `cgroup`)
+    whether its DNS proxy listens in that network namespace for the workload. None: the
+    workload has no DNS proxy (no fqdn rules), or no agent guards the cgroup."""
+    fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        programs = [p for p in bpfsys.attached_programs(fd, _hooks()[0].attach_type) if p.name == "ew_connect4"]
+    finally:
+        os.close(fd)
+    if not programs:
+        return None
+    prog_fd = bpfsys.program_fd(programs[0].id)
+    try:
+        maps = bpfsys.program_map_names(prog_fd)
+    finally:
+        os.close(prog_fd)
+    index = bpfsys.map_lookup(maps["cgroup_workload"], cgroup_id.to_bytes(8, "little"), 4)
+    if index is None or "dns_proxy" not in maps:
+        return None  # not guarded, or an agent from before the DNS proxy
+    state = bpfsys.map_lookup(maps["workloads"], bytes(index), 24)
+    if state is None or not int.from_bytes(state[12:16], "little"):
+        return None  # workload_state.dns
+    key = netns_cookie.to_bytes(8, "little") + index + bytes(4)
+    return bpfsys.map_lookup(maps["dns_proxy"], key, 4) is not None

@@ -18,6 +18,7 @@ class Kind(enum.IntEnum):
     EXEC = 5
     EXIT = 6
     CGROUP_ATTACH = 7
+    DNS_PENDING = 8  # a DNS query where the workload's proxy is not open yet (refused)
 
 
 class Verdict(enum.IntEnum):
@@ -79,7 +80,7 @@ def _address(raw: bytes, family: int) -> str | None:
     return str(addr.ipv4_mapped) if addr.ipv4_mapped else str(addr)
 
 
-_CARRIES_DESTINATION = {Kind.CONNECT, Kind.SENDMSG, Kind.BACKSTOP}
+_CARRIES_DESTINATION = {Kind.CONNECT, Kind.SENDMSG, Kind.BACKSTOP, Kind.DNS_PENDING}
 
 
 def decode(data: int, size: int) -> KernelRecord:

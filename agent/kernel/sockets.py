@@ -2,26 +2,24 @@
 SOCK_DESTROY through sock_diag (CONFIG_INET_DIAG_DESTROY) to cut the ones it may not keep."""
 from __future__ import annotations
 
-import ctypes
 import ipaddress
 import os
 import socket
 import struct
-import threading
 from dataclasses import dataclass
 from pathlib import Path
+
+from agent.kernel.netns import in_netns_of
 
 _NETLINK_SOCK_DIAG = 4
 _SOCK_DESTROY = 21
 _NLM_F_REQUEST = 1
 _NLM_F_ACK = 4
 _NLMSG_ERROR = 2
-_CLONE_NEWNET = 0x40000000
 _TCP_LISTEN = 0x0A
 _TABLES = (("tcp", socket.AF_INET, socket.IPPROTO_TCP), ("tcp6", socket.AF_INET6, socket.IPPROTO_TCP),
            ("udp", socket.AF_INET, socket.IPPROTO_UDP), ("udp6", socket.AF_INET6, socket.IPPROTO_UDP))
 
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 @dataclass(frozen=True)
@@ -114,25 +112,5 @@ def _destroy_in_current_netns(sock: InetSocket) -> None:
 
 def destroy_socket(pid: int, sock: InetSocket) -> None:
     """Destroy `sock` of process `pid`. sock_diag answers per network namespace, so the
-    request is sent from a thread that has entered the process's namespace."""
-    failure: list[BaseException] = []
-
-    def in_namespace() -> None:
-        try:
-            fd = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY)
-            try:
-                if _libc.setns(fd, _CLONE_NEWNET) != 0:
-                    err = ctypes.get_errno()
-                    raise OSError(err, f"setns into the network namespace of {pid}: {os.strerror(err)}")
-            finally:
-                os.close(fd)
-            _destroy_in_current_netns(sock)
-        except BaseException as e:  # carried to the caller's thread
-            failure.append(e)
-
-    # The thread ends inside the other namespace; no other thread of the agent moves.
-    worker = threading.Thread(target=in_namespace, name=f"sock-destroy-{pid}")
-    worker.start()
-    worker.join()
-    if failure:
-        raise failure[0]
+    request is sent from inside the process's namespace."""
+    in_netns_of(pid, lambda: _destroy_in_current_netns(sock))

@@ -60,6 +60,7 @@ class Match:
 @dataclass(frozen=True)
 class DnsConfig:
     upstream: tuple[str, ...] = ("system",)
+    grace_seconds: int = 60  # how long past its TTL an answer's addresses stay allowed
 
 
 @dataclass(frozen=True)

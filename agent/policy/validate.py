@@ -25,16 +25,12 @@ WORKLOAD_KEYS = ("name", "mode", "on_violation", "match", "listen", "allow", "dn
 MATCH_KEYS = ("systemd_unit", "exe", "cmdline")
 RULE_KEYS = ("cidr", "fqdn", "ports", "protocol")
 BUDGET_KEYS = ("fqdn", "cidr", "bytes_per_minute", "action")
-DNS_KEYS = ("upstream",)
+DNS_KEYS = ("upstream", "grace_seconds")
 HOOK_KEYS = ("on_violation", "on_budget")
 MODES = ("enforce", "monitor")
 VIOLATION_ACTIONS = ("deny", "kill", "quarantine")
 BUDGET_ACTIONS = ("alert", "kill", "quarantine")
 PROTOCOLS = ("tcp", "udp", "any")
-FQDN_NOTICE = (
-    '"{value}" is accepted but not yet enforced (DNS-aware allowlists come later); '
-    "only cidr rules are enforced"
-)
 
 
 def parse(text: str, path: str) -> Policy:
@@ -143,8 +139,6 @@ class _Checker:
             value = self.text(fields["cidr"], _child(key, "cidr"), values.cidr, "")
         elif kind == "fqdn":
             value = self.text(fields["fqdn"], _child(key, "fqdn"), values.fqdn, "")
-            if value:
-                self.notice(fields["fqdn"], _child(key, "fqdn"), FQDN_NOTICE.format(value=value))
         return AllowRule(
             kind="fqdn" if kind == "fqdn" else "cidr",
             value=value,
@@ -155,7 +149,16 @@ class _Checker:
 
     def dns(self, node: Node, key: str) -> DnsConfig:
         fields = self.mapping(node, key, DNS_KEYS)
-        return DnsConfig(upstream=self.optional(fields, key, "upstream", self.upstream, ("system",)))
+        return DnsConfig(
+            upstream=self.optional(fields, key, "upstream", self.upstream, ("system",)),
+            grace_seconds=self.optional(fields, key, "grace_seconds", self.grace, DnsConfig.grace_seconds),
+        )
+
+    def grace(self, node: Node, key: str) -> int:
+        if not is_int(node):
+            self.problem(node, key, f"expected a number of seconds, got {describe(node)}")
+            return DnsConfig.grace_seconds
+        return self.parsed(node, key, values.dns_grace, int_value(node), DnsConfig.grace_seconds)
 
     def upstream(self, node: Node, key: str) -> tuple[str, ...]:
         if isinstance(node, SequenceNode) and not node.value:

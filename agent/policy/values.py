@@ -103,6 +103,18 @@ def dns_upstream(text: str) -> str:
     )
 
 
+DNS_GRACE_FLOOR = 1
+
+
+def dns_grace(seconds: int) -> int:
+    """Seconds an answer's addresses stay allowed past its TTL; at least the floor, so a
+    connection made right after the answer is never refused."""
+    if seconds < DNS_GRACE_FLOOR:
+        raise ValueError(f"must be at least {DNS_GRACE_FLOOR} s (a connection made right after an answer "
+                         f"must find its address allowed), got {seconds}")
+    return seconds
+
+
 def systemd_unit(text: str) -> str:
     stem = text
     for suffix in SYSTEMD_UNIT_SUFFIXES:

@@ -13,6 +13,10 @@ the outcome as one JSON line ({"ok": true} or {"ok": false, "errno": N, "error":
     router.py probe HOST PORT --seconds S       try to connect every --interval seconds (default 5 ms)
                                                 for S seconds; count successes
     router.py escape CGROUP_PROCS               write its own pid into another cgroup, then sleep
+    router.py resolve NAME [--count N]          getaddrinfo (glibc's resolver) N times; the last addresses
+    router.py resolve-connect NAME PORT --count N   N times: getaddrinfo, connect to the answer, send 1 byte
+    router.py dns SERVER PORT NAME [--tcp] [--qtype T] [--count N]   N raw queries (random
+                                                labels in place of "{rand}" in NAME); rcodes and addresses
 
 --wait: read one line from stdin before acting (lets a test act first).
 --tag: ignored; a marker that policies can match on the command line.
@@ -22,10 +26,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import socket
+import struct
 import subprocess
 import sys
 import time
+from collections import Counter
 
 
 def report(**fields) -> None:
@@ -133,6 +140,66 @@ def escape(procs_file: str) -> None:
     time.sleep(30)
 
 
+def resolve(name: str, count: int) -> dict:
+    addresses: list[str] = []
+    for _ in range(count):
+        try:
+            addresses = sorted({info[4][0] for info in socket.getaddrinfo(name, 443, socket.AF_INET, socket.SOCK_STREAM)})
+        except socket.gaierror as e:
+            return {"ok": False, "error": str(e)}
+    return {"ok": True, "addresses": addresses}
+
+
+def resolve_connect(name: str, port: int, count: int) -> dict:
+    refused: Counter = Counter()
+    for _ in range(count):
+        try:
+            address = socket.getaddrinfo(name, port, socket.AF_INET, socket.SOCK_STREAM)[0][4]
+            with socket.create_connection(address, timeout=3) as s:
+                s.sendall(b"x")
+        except OSError as e:
+            refused[str(e)] += 1
+    return {"ok": not refused, "refused": dict(refused)}
+
+
+def dns_query(server: str, port: int, name: str, qtype: int, tcp: bool) -> tuple[int, list[str], list[int]]:
+    """(rcode, addresses, ttls) of one query; rcode -1 for no answer, -errno for a refused socket."""
+    from agent.dns import wire  # only here: other actions run under interpreters without the agent
+
+    query = wire.build_query(secrets.randbits(16), name, qtype)
+    try:
+        with socket.socket(family_of(server), socket.SOCK_STREAM if tcp else socket.SOCK_DGRAM) as s:
+            s.settimeout(3)
+            if tcp:
+                s.connect((server, port))
+                s.sendall(struct.pack("!H", len(query)) + query)
+                size = struct.unpack("!H", s.recv(2))[0]
+                packet = b""
+                while len(packet) < size:
+                    packet += s.recv(size - len(packet))
+            else:
+                s.sendto(query, (server, port))
+                packet, source = s.recvfrom(65535)
+                assert source[0] == server, f"answer from {source}, asked {server}"
+    except socket.timeout:
+        return -1, [], []
+    except OSError as e:
+        return -e.errno, [], []
+    response = wire.parse_response(packet)
+    records = wire.addresses_for(response, name)
+    return response.rcode, [r.value for r in records], [r.ttl for r in records]
+
+
+def dns(server: str, port: int, name: str, qtype: int, tcp: bool, count: int) -> dict:
+    rcodes: Counter = Counter()
+    addresses: list[str] = []
+    ttls: list[int] = []
+    for _ in range(count):
+        rcode, addresses, ttls = dns_query(server, port, name.replace("{rand}", secrets.token_hex(16)), qtype, tcp)
+        rcodes[rcode] += 1
+    return {"ok": True, "rcodes": {str(k): v for k, v in rcodes.items()}, "addresses": addresses, "ttls": ttls}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("action")
@@ -143,6 +210,10 @@ def main() -> None:
     parser.add_argument("--interval", type=float, default=0.005)
     parser.add_argument("--wait", action="store_true")
     parser.add_argument("--tag")
+    parser.add_argument("--count", type=int, default=1)
+    parser.add_argument("--qtype", type=int, default=1, help="1 = A, 28 = AAAA")
+    parser.add_argument("--tcp", action="store_true")
+    parser.add_argument("name", nargs="?")
     a = parser.parse_args()
     if a.wait:
         sys.stdin.readline()
@@ -161,6 +232,9 @@ def main() -> None:
         "fork-tcp": lambda: fork_tcp(a.host, a.port, a.bytes),
         "exec-tcp": lambda: exec_tcp(a.host, a.port, a.bytes),
         "probe": lambda: probe(a.host, a.port, a.seconds, a.interval),
+        "resolve": lambda: resolve(a.host, a.count),
+        "resolve-connect": lambda: resolve_connect(a.host, a.port, a.count),
+        "dns": lambda: dns(a.host, a.port, a.name, a.qtype, a.tcp, a.count),
     }[a.action]()
     report(pid=os.getpid(), **outcome)
 
