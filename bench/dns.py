@@ -9,7 +9,7 @@
 2. queries per second the proxy sustains: one client keeping a window of queries in flight
    for S seconds (the same client against dnsmasq directly, for reference)
 
-All traffic stays inside a tests/netlab.py Lab; dnsmasq runs in NET (tests/dnsserver.py).
+All traffic stays inside a agent/lab/network.py Lab; dnsmasq runs in NET (agent/lab/dns_server.py).
 A measurement, not a test: it exits 0 whether targets are met or not.
 """
 from __future__ import annotations
@@ -27,8 +27,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "tests"), str(REPO)]
 
 from agentproc import AgentProcess, unique_name  # noqa: E402
-from dnsserver import DnsServer  # noqa: E402
-from netlab import Lab  # noqa: E402
+from agent.lab.dns_server import DnsServer  # noqa: E402
+from agent.lab.network import Lab  # noqa: E402
 
 RESOLVER = "198.18.5.53"
 NAME = "api.provider.test"

@@ -9,7 +9,7 @@
    against the same client outside any workload (interleaved rounds, medians, ratio)
 4. time from a violation of an on_violation: kill workload to its last process gone
 
-All traffic stays inside the two namespaces of a tests/netlab.py Lab (DESIGN.md,
+All traffic stays inside the two namespaces of a agent/lab/network.py Lab (DESIGN.md,
 "Testing rules"). A measurement, not a test: it exits 0 whether targets are met or not.
 With -o json the JSON goes to standard output and the table to standard error.
 """
@@ -35,7 +35,7 @@ sys.path[:0] = [str(REPO / "tests"), str(REPO)]
 import psutil  # noqa: E402
 from agent import cgroups  # noqa: E402
 from agentproc import AgentProcess, unique_name  # noqa: E402
-from netlab import Lab  # noqa: E402
+from agent.lab.network import Lab  # noqa: E402
 
 PROVIDER_PORT = 443
 ATTACKER_PORT = 443

@@ -13,7 +13,7 @@ import grpc
 from agent.api.gen.egress_warden.v1 import agent_pb2 as pb
 from agent.api.gen.egress_warden.v1 import agent_pb2_grpc as pb_grpc
 from agentproc import AgentProcess
-from netlab import Lab
+from agent.lab.network import Lab
 
 __all__ = ["pb", "pb_grpc", "unix_stub", "tls_stub", "free_port", "flood", "settle", "read_all"]
 

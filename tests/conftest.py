@@ -4,7 +4,7 @@ import subprocess
 import pytest
 
 from agentproc import AgentProcess, unique_name
-from netlab import Lab
+from agent.lab.network import Lab
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,5 +1,5 @@
 """The gRPC API end to end: a real agent, real gRPC over its Unix socket and over mutual
-TLS, real kernel denials as the events (tests/netlab.py), certificates made here."""
+TLS, real kernel denials as the events (agent/lab/network.py), certificates made here."""
 import grp
 import json
 import os
@@ -14,7 +14,7 @@ import pytest
 from agentproc import workload_policy, write_policy
 from apiclient import flood, free_port, pb, read_all, tls_stub, unix_stub, settle
 from certs import Authority
-from netlab import Lab
+from agent.lab.network import Lab
 
 pytestmark = pytest.mark.root
 

@@ -1,5 +1,5 @@
 """DNS-aware allowlists end to end: a real agent and kernel, a router in the Lab's ROUTER
-namespace, and real dnsmasq servers in NET serving the test's zones (tests/dnsserver.py)."""
+namespace, and real dnsmasq servers in NET serving the test's zones (agent/lab/dns_server.py)."""
 import json
 import re
 import socket
@@ -14,8 +14,8 @@ from hypothesis import given, settings, strategies as st
 from agent.dns import wire
 from agent.kernel.netns import in_netns_of
 from agentproc import outcome, unique_name
-from dnsserver import DnsServer
-from netlab import Lab
+from agent.lab.dns_server import DnsServer
+from agent.lab.network import Lab
 
 pytestmark = pytest.mark.root
 

@@ -1,12 +1,12 @@
 """Kernel enforcement end to end: a real agent, real cgroups and BPF, a router in its own
-network namespace, and fake providers and an attacker in another (tests/netlab.py)."""
+network namespace, and fake providers and an attacker in another (agent/lab/network.py)."""
 import os
 import sys
 
 import pytest
 
 from agentproc import ROUTER, outcome, workload_policy
-from netlab import Lab
+from agent.lab.network import Lab
 
 pytestmark = pytest.mark.root
 

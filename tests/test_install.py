@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from agentproc import REPO, ROUTER, workload_policy
-from netlab import Lab
+from agent.lab.network import Lab
 
 pytestmark = pytest.mark.root
 

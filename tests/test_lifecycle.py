@@ -17,7 +17,7 @@ from agent.daemon import Agent
 from agent.events import EventBus, JsonLinesSink
 from agent.kernel.loader import attached_warden_programs
 from agentproc import REPO, ROUTER, WARDEN, complete_lines, outcome, unique_name, workload_policy, write_policy
-from netlab import Lab
+from agent.lab.network import Lab
 
 pytestmark = pytest.mark.root
 EPERM = 1

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from netlab import Lab, lab_namespaces
+from agent.lab.network import Lab, lab_namespaces
 
 PAYLOAD_SIZE = 12345
 

@@ -2,6 +2,7 @@ import click
 
 from agent.cli.agent_command import agent_command
 from agent.cli.control_command import kill_command, quarantine_command, release_command
+from agent.cli.demo_command import demo_command
 from agent.cli.detach_command import detach_command
 from agent.cli.events_command import events_command
 from agent.cli.policy import policy
@@ -20,6 +21,7 @@ def main() -> None:
       run         start a router inside its workload, guarded from the first instruction
       policy      check policy files before the agent loads them; make the agent reload
       detach      end enforcement on purpose (uninstall)
+      demo        watch it stop a compromised router, in throwaway namespaces (a minute)
     \b
     Asking a running agent (its Unix socket, --socket or $WARDEN_SOCKET; or
     --server HOST:PORT with mutual TLS for the read-only ones):
@@ -43,6 +45,7 @@ main.add_command(agent_command)
 main.add_command(run_command)
 main.add_command(policy)
 main.add_command(detach_command)
+main.add_command(demo_command)
 for command in (status_command, workloads_command, ps_command, events_command, quarantine_command,
                 release_command, kill_command):
     main.add_command(command)

@@ -49,7 +49,7 @@ def events_command(follow: bool, since: str | None, last: int, workloads: tuple[
             request.since_time = time.time() - duration_seconds(since)
         except ValueError as e:
             raise click.BadParameter(str(e), param_hint="--since") from None
-    show = _json_line if output == "json" else _human_line
+    show = _json_line if output == "json" else human_line
     with Client(target) as client:
         try:
             for event in client.stream("WatchEvents", request):
@@ -62,7 +62,7 @@ def _json_line(event) -> str:
     return event.json
 
 
-def _human_line(event) -> str:
+def human_line(event) -> str:
     stamp = time.strftime("%H:%M:%S", time.localtime(event.time)) + f".{int(event.time % 1 * 1000):03d}"
     who = f"{event.process.pid}/{event.process.comm}" if event.HasField("process") else "-"
     where = "-"

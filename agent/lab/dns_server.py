@@ -9,7 +9,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from netlab import Lab
+from agent.lab.network import Lab
 
 
 class DnsServer:

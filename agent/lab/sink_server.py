@@ -1,4 +1,4 @@
-"""Counting sink for tests/netlab.py: listens on one address and counts every byte.
+"""Counting sink for agent/lab/network.py: listens on one address and counts every byte.
 
 The running totals live in a JSON state file, {"bytes": N, "connections": N}
 ("connections" counts datagrams for UDP), rewritten atomically after every

@@ -1,4 +1,5 @@
-"""A throwaway two-namespace network for kernel tests (see DESIGN.md, "Testing rules").
+"""A throwaway two-namespace network for kernel tests, benchmarks and `warden demo`
+(see DESIGN.md, "Testing rules").
 
 ROUTER is where the code under test runs; NET plays the internet and holds
 fake providers and a fake attacker. One veth pair joins them and neither has a
@@ -30,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-SINK_SERVER = Path(__file__).parent / "helpers" / "sink_server.py"
+SINK_SERVER = Path(__file__).parent / "sink_server.py"
 NETNS_DIR = Path("/run/netns")
 
 # Run inside ROUTER. A refused connection proves a round trip: the SYN reached
@@ -114,8 +115,8 @@ class Lab:
 
     READY_TIMEOUT = 5.0
 
-    def __init__(self) -> None:
-        self.name = f"{self.NAME_PREFIX}{secrets.token_hex(3)}"
+    def __init__(self, name_prefix: str = NAME_PREFIX) -> None:
+        self.name = f"{name_prefix}{secrets.token_hex(3)}"
         self.router_netns = f"{self.name}-router"
         self.net_netns = f"{self.name}-net"
         self.router_netns_path = str(NETNS_DIR / self.router_netns)
