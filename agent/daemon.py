@@ -20,7 +20,7 @@ import psutil
 from agent import actions, cgroups
 from agent.events import Destination, Event, EventBus, EventKind, ProcessInfo
 from agent.events.process import describe_process
-from agent.kernel.loader import PORT_ANY, AllowEntry, KernelPrograms
+from agent.kernel.loader import DEFAULT_PIN_DIR, PORT_ANY, AllowEntry, KernelPrograms
 from agent.kernel.records import Kind, KernelRecord, Verdict
 from agent.kernel.sockets import InetSocket, destroy_socket, process_sockets
 from agent.policy import Policy, PolicyError, Workload, load_policy
@@ -76,9 +76,10 @@ def destination_allowed(spec: Workload, ip: str, port: int, protocol: str) -> bo
 
 
 class Agent:
-    def __init__(self, policy_path: Path, state_dir: Path, bus: EventBus) -> None:
+    def __init__(self, policy_path: Path, state_dir: Path, bus: EventBus, pin_dir: Path = DEFAULT_PIN_DIR) -> None:
         self.policy_path = Path(policy_path)
         self.state_dir = Path(state_dir)
+        self.pin_dir = Path(pin_dir)
         self.bus = bus
         self.policy: Policy | None = None
         self.kernel: KernelPrograms | None = None
@@ -98,7 +99,7 @@ class Agent:
         Returns the seconds from start to enforcing."""
         started = time.monotonic()
         policy = load_policy(self.policy_path)  # PolicyError: nothing to enforce, refuse to start
-        self.kernel = KernelPrograms()
+        self.kernel = KernelPrograms(pin_dir=self.pin_dir)
         self.kernel.on_record(self._on_record)
         with self._lock:
             self._apply(policy)

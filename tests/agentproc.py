@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from agent import cgroups
-from agent.kernel.loader import detach_all
+from agent.kernel.loader import detach_all, remove_pins
 
 REPO = Path(__file__).resolve().parents[1]
 WARDEN = [sys.executable, "-m", "agent.cli"]
@@ -57,13 +57,18 @@ class AgentProcess:
         self.state_dir = tmp / "state"
         self.log = tmp / "agent.log"
         self.workloads = workloads
+        # Other engineers' agents run on this machine too: every test agent pins its own maps.
+        self.pin_dir = Path("/sys/fs/bpf") / f"ew-test-{secrets.token_hex(4)}"
         self.process: subprocess.Popen | None = None
+
+    extra_args: tuple[str, ...] = ()
 
     def start(self, timeout: float = 30.0) -> None:
         already = len(self.events())
         self.process = subprocess.Popen(
             [*WARDEN, "agent", "--policy", str(self.policy), "--events-file", str(self.events_file),
-             "--state-dir", str(self.state_dir), "--agent-id", "test-agent"],
+             "--state-dir", str(self.state_dir), "--pin-dir", str(self.pin_dir), "--agent-id", "test-agent",
+             *self.extra_args],
             cwd=REPO, stderr=open(self.log, "a"), stdout=subprocess.DEVNULL)
         self.wait_for(lambda e: e["kind"] == "agent_started", timeout=timeout, after=already)
 
@@ -107,6 +112,7 @@ class AgentProcess:
             if cgroup.exists():
                 detach_all(cgroup)
                 cgroups.remove(cgroup)
+        remove_pins(self.pin_dir)
 
     def cgroup(self, workload: str) -> Path:
         return cgroups.warden_parent() / workload

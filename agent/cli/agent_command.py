@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from agent.events import EventBus, JsonLinesSink
+from agent.kernel.loader import DEFAULT_PIN_DIR
 from agent.policy import PolicyError
 
 DEFAULT_STATE_DIR = Path("/var/lib/egress-warden")
@@ -22,9 +23,12 @@ DEFAULT_STATE_DIR = Path("/var/lib/egress-warden")
               help="Append every event as one JSON line here (default: standard output).")
 @click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_STATE_DIR,
               show_default=True, help="Where state that outlives a restart is kept (event sequence numbers).")
+@click.option("--pin-dir", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_PIN_DIR,
+              show_default=True, help="bpffs directory for the maps that outlive a restart (byte counters, "
+              "socket owners). One per agent: two agents must never share it.")
 @click.option("--agent-id", default=socket.gethostname(), show_default="host name",
               help="The name this agent gives itself in events.")
-def agent_command(policy_path: Path, events_file: Path | None, state_dir: Path, agent_id: str) -> None:
+def agent_command(policy_path: Path, events_file: Path | None, state_dir: Path, pin_dir: Path, agent_id: str) -> None:
     """Run the agent in the foreground: enforce the policy, report every decision.
 
     \b
@@ -42,7 +46,7 @@ def agent_command(policy_path: Path, events_file: Path | None, state_dir: Path, 
     stream = open(events_file, "a", encoding="utf-8") if events_file else sys.stdout
     bus = EventBus(agent_id, state_dir)
     bus.subscribe(JsonLinesSink(stream))
-    agent = Agent(policy_path, state_dir, bus)
+    agent = Agent(policy_path, state_dir, bus, pin_dir=pin_dir)
     signal.signal(signal.SIGTERM, lambda *_: agent.stop())
     signal.signal(signal.SIGINT, lambda *_: agent.stop())
     signal.signal(signal.SIGHUP, lambda *_: agent.request_reload())

@@ -10,6 +10,7 @@ import struct
 from dataclasses import dataclass
 
 _BPF_SYSCALL = {"x86_64": 321, "aarch64": 280}[platform.machine()]
+_BPF_OBJ_GET = 7
 _BPF_PROG_ATTACH = 8
 _BPF_PROG_DETACH = 9
 _BPF_PROG_GET_FD_BY_ID = 13
@@ -20,6 +21,7 @@ BPF_F_ALLOW_MULTI = 2
 _ATTR_SIZE = 128  # larger than every bpf_attr member used here; the kernel wants the tail zeroed
 _PROG_INFO_SIZE = 232
 _PROG_INFO_NAME = slice(64, 80)
+_MAP_INFO_SIZE = 88
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
@@ -98,3 +100,24 @@ def program_id(prog_fd: int) -> int:
     info = ctypes.create_string_buffer(_PROG_INFO_SIZE)
     _bpf(_BPF_OBJ_GET_INFO_BY_FD, _attr("IIQ", prog_fd, _PROG_INFO_SIZE, ctypes.addressof(info)))
     return struct.unpack_from("I", info, 4)[0]
+
+
+@dataclass(frozen=True)
+class MapLayout:
+    type: int
+    key_size: int
+    value_size: int
+    max_entries: int
+
+
+def pinned_map_layout(path: str) -> MapLayout:
+    """Type, key and value sizes and capacity of the map pinned at `path` (FileNotFoundError if none)."""
+    name = ctypes.create_string_buffer(path.encode())
+    fd = _bpf(_BPF_OBJ_GET, _attr("QII", ctypes.addressof(name), 0, 0))
+    try:
+        info = ctypes.create_string_buffer(_MAP_INFO_SIZE)
+        _bpf(_BPF_OBJ_GET_INFO_BY_FD, _attr("IIQ", fd, _MAP_INFO_SIZE, ctypes.addressof(info)))
+        map_type, _id, key_size, value_size, max_entries = struct.unpack_from("IIIII", info, 0)
+        return MapLayout(map_type, key_size, value_size, max_entries)
+    finally:
+        os.close(fd)

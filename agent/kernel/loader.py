@@ -23,6 +23,17 @@ PORT_ANY = 0
 PROTOCOLS = {"any": 0, "tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP}
 MODES = {"enforce": 0, "monitor": 1}
 _KEY_FIXED_BITS = 64  # workload, protocol, pad and port precede the address in the LPM key
+# An "any" rule goes in as tcp, udp and any: the programs look up tcp and udp under their
+# own protocol and everything else under "any", two lookups per judgement instead of four.
+_TRIE_PROTOCOLS = {"any": ("any", "tcp", "udp"), "tcp": ("tcp",), "udp": ("udp",)}
+DEFAULT_PIN_DIR = Path("/sys/fs/bpf/egress-warden")
+_BPF_MAP_TYPE_LRU_HASH = 9
+# The layout bpf/warden.bpf.c gives its pinned maps. bcc reuses a pinned map whatever its
+# layout and the verifier then refuses the programs with a bare EACCES, so it is checked first.
+PINNED_MAPS = {
+    "traffic": bpfsys.MapLayout(_BPF_MAP_TYPE_LRU_HASH, 32, 16, 65536),
+    "sock_info": bpfsys.MapLayout(_BPF_MAP_TYPE_LRU_HASH, 8, 40, 131072),
+}
 
 
 @dataclass(frozen=True)
@@ -68,11 +79,15 @@ def mapped_network(network: ipaddress.IPv4Network | ipaddress.IPv6Network) -> tu
 class KernelPrograms:
     """The loaded program set. One instance per agent; attach it to any number of cgroups."""
 
-    def __init__(self, source: Path = BPF_SOURCE) -> None:
+    def __init__(self, source: Path = BPF_SOURCE, pin_dir: Path = DEFAULT_PIN_DIR) -> None:
         from bcc import BPF
 
         started = time.monotonic()
-        self._bpf = BPF(src_file=str(source).encode(), cflags=["-Wno-macro-redefined"])
+        self.pin_dir = Path(pin_dir)
+        self.pin_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        check_pinned_maps(self.pin_dir)
+        self._bpf = BPF(src_file=str(source).encode(),
+                        cflags=["-Wno-macro-redefined", f'-DEW_PIN_DIR="{self.pin_dir}"'])
         self._hooks = _hooks()
         self._functions = {
             h.function: self._bpf.load_func(h.function.encode(), h.prog_type, attach_type=h.attach_type)
@@ -81,7 +96,9 @@ class KernelPrograms:
         self._own_ids = {bpfsys.program_id(f.fd) for f in self._functions.values()}
         self._allow = self._bpf[b"allow"]
         self._allowed: dict[int, set[tuple[bytes, int]]] = {}
-        self._generation = 0
+        # Sockets cache verdicts by generation in a pinned map, so generations must never
+        # repeat across agent restarts: start from the clock, which only moves forward.
+        self._generation = time.monotonic_ns()
         self.load_seconds = time.monotonic() - started
 
     # --- attachment ---------------------------------------------------------------
@@ -159,8 +176,9 @@ class KernelPrograms:
         go out, so a destination kept by both policies is never refused in between."""
         wanted = {}
         for entry in entries:
-            key = self._allow_key(index, entry)
-            wanted[(bytes(key), key.prefixlen)] = (key, entry)
+            for protocol in _TRIE_PROTOCOLS[entry.protocol]:
+                key = self._allow_key(index, entry, protocol)
+                wanted[(bytes(key), key.prefixlen)] = (key, entry)
         for key, entry in wanted.values():
             value = self._allow.Leaf()
             value.expires_ns = entry.expires_ns
@@ -175,15 +193,25 @@ class KernelPrograms:
                 pass
         self._allowed[index] = set(wanted.keys())
 
-    def _allow_key(self, index: int, entry: AllowEntry):
+    def _allow_key(self, index: int, entry: AllowEntry, protocol: str):
         addr, prefixlen = mapped_network(entry.network)
         key = self._allow.Key()
         key.prefixlen = _KEY_FIXED_BITS + prefixlen
         key.workload = index
-        key.proto = PROTOCOLS[entry.protocol]
+        key.proto = PROTOCOLS[protocol]
         key.port = entry.port
         ctypes.memmove(key.addr, addr, 16)
         return key
+
+    # --- traffic counters ----------------------------------------------------------------
+
+    def traffic_counters(self) -> list[TrafficCounter]:
+        """Every (workload, process, destination) counter the kernel holds, cumulative."""
+        table = self._bpf[b"traffic"]
+        return [TrafficCounter(workload=k.workload, tgid=k.tgid, address=_address_text(bytes(k.addr)),
+                               port=k.port, protocol=k.proto, listen=bool(k.listen),
+                               bytes=v.bytes, packets=v.packets)
+                for k, v in table.items()]
 
     # --- events ----------------------------------------------------------------------
 
@@ -201,6 +229,57 @@ class KernelPrograms:
     def lost_records(self) -> int:
         """Records the ring buffer had no room for since the programs were loaded."""
         return sum(self._bpf[b"lost_events"].getvalue(ctypes.c_int(0)))
+
+
+@dataclass(frozen=True)
+class TrafficCounter:
+    """Bytes and packets sent by one process of a workload to one destination (or, with
+    `listen`, replies to clients on one listen port), since the counter was created."""
+
+    workload: int
+    tgid: int  # 0: a socket whose process no hook saw (opened before enforcement began)
+    address: str | None  # None for the listen bucket
+    port: int
+    protocol: int
+    listen: bool
+    bytes: int
+    packets: int
+
+
+def _address_text(packed: bytes) -> str | None:
+    if packed == bytes(16):
+        return None
+    address = ipaddress.IPv6Address(packed)
+    return str(address.ipv4_mapped or address)
+
+
+class PinnedMapError(RuntimeError):
+    """A map pinned where the agent keeps its own has another layout: refused, never replaced
+    silently, because replacing it loses the byte counters."""
+
+
+def check_pinned_maps(pin_dir: Path) -> None:
+    for name, expected in PINNED_MAPS.items():
+        path = pin_dir / name
+        try:
+            found = bpfsys.pinned_map_layout(str(path))
+        except FileNotFoundError:
+            continue
+        if found != expected:
+            raise PinnedMapError(
+                f"{path} is pinned with another layout ({found}) than this version of Egress Warden "
+                f"uses ({expected}): an older or newer agent made it. Remove it (rm {path}; this resets "
+                f"the byte counters) or start the agent with another --pin-dir")
+
+
+def remove_pins(pin_dir: Path) -> None:
+    """Forget the pinned maps (byte counters and socket owners) and the directory if empty."""
+    for name in PINNED_MAPS:
+        (pin_dir / name).unlink(missing_ok=True)
+    try:
+        pin_dir.rmdir()
+    except OSError:
+        pass
 
 
 def attached_warden_programs(cgroup: Path) -> list[tuple[int, bpfsys.AttachedProgram]]:
