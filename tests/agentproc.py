@@ -62,13 +62,14 @@ class AgentProcess:
         self.process: subprocess.Popen | None = None
 
     extra_args: tuple[str, ...] = ()
+    metrics_listen = "off"  # other agents on this machine may hold the default port
 
     def start(self, timeout: float = 30.0) -> None:
         already = len(self.events())
         self.process = subprocess.Popen(
             [*WARDEN, "agent", "--policy", str(self.policy), "--events-file", str(self.events_file),
              "--state-dir", str(self.state_dir), "--pin-dir", str(self.pin_dir), "--agent-id", "test-agent",
-             *self.extra_args],
+             "--metrics-listen", self.metrics_listen, *self.extra_args],
             cwd=REPO, stderr=open(self.log, "a"), stdout=subprocess.DEVNULL)
         self.wait_for(lambda e: e["kind"] == "agent_started", timeout=timeout, after=already)
 

@@ -207,11 +207,7 @@ class KernelPrograms:
 
     def traffic_counters(self) -> list[TrafficCounter]:
         """Every (workload, process, destination) counter the kernel holds, cumulative."""
-        table = self._bpf[b"traffic"]
-        return [TrafficCounter(workload=k.workload, tgid=k.tgid, address=_address_text(bytes(k.addr)),
-                               port=k.port, protocol=k.proto, listen=bool(k.listen),
-                               bytes=v.bytes, packets=v.packets)
-                for k, v in table.items()]
+        return [_traffic_counter(k, v) for k, v in self._bpf[b"traffic"].items()]
 
     # --- events ----------------------------------------------------------------------
 
@@ -244,6 +240,27 @@ class TrafficCounter:
     listen: bool
     bytes: int
     packets: int
+
+
+class _TrafficKey(ctypes.Structure):  # struct traffic_key
+    _fields_ = [("workload", ctypes.c_uint32), ("tgid", ctypes.c_uint32), ("addr", ctypes.c_uint8 * 16),
+                ("port", ctypes.c_uint16), ("proto", ctypes.c_uint8), ("listen", ctypes.c_uint8),
+                ("pad", ctypes.c_uint32)]
+
+
+class _TrafficValue(ctypes.Structure):  # struct traffic_value
+    _fields_ = [("bytes", ctypes.c_uint64), ("packets", ctypes.c_uint64)]
+
+
+def _traffic_counter(k, v) -> TrafficCounter:
+    return TrafficCounter(workload=k.workload, tgid=k.tgid, address=_address_text(bytes(k.addr)), port=k.port,
+                          protocol=k.proto, listen=bool(k.listen), bytes=v.bytes, packets=v.packets)
+
+
+def read_pinned_traffic(pin_dir: Path) -> list[TrafficCounter]:
+    """The byte counters an agent pinned in `pin_dir`, read without the agent."""
+    items = bpfsys.pinned_map_items(str(pin_dir / "traffic"), ctypes.sizeof(_TrafficKey), ctypes.sizeof(_TrafficValue))
+    return [_traffic_counter(_TrafficKey.from_buffer_copy(k), _TrafficValue.from_buffer_copy(v)) for k, v in items]
 
 
 def _address_text(packed: bytes) -> str | None:
