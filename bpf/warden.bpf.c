@@ -107,6 +107,7 @@ BPF_TABLE("lru_hash", u32, u32, members, 65536);
 // packets to that destination through without a trie lookup while the workload's
 // generation (bumped on every policy change) is unchanged.
 struct sock_info {
+    u64 cookie;  // the socket it describes; 0 while being rewritten
     u64 generation;
     u32 tgid;  // 0: not known (a socket no hook of the workload saw being connected)
     u32 workload;
@@ -114,12 +115,52 @@ struct sock_info {
     u16 port;
     u8 proto;
     u8 listen;  // a reply on one of the workload's listen ports: counted per port
+    u16 seen;  // packets it let through (not atomic: only decides when to keep the owner)
+    u16 kept;  // its tgid is in sock_owners too
 };
-// By socket cookie. Not socket storage: allocating it costs about 1 us per connect, most of
-// this hook's time, where an LRU entry costs a tenth of that. Cookies are never reused, so
-// a closed socket's entry only waits for eviction. Pinned: sockets keep their process
-// across an agent restart.
-BPF_TABLE_PINNED("lru_hash", u64, struct sock_info, sock_info, 131072, EW_PIN_DIR "/sock_info");
+
+// One slot per socket, at cookie % SOCK_SLOTS: a write is a few stores, where a hash or LRU
+// update (or socket storage) costs 0.8-1 us per connect, most of the connect hook's time
+// (measured, kernel.bpf_stats_enabled). Two sockets 2^18 cookies apart share a slot; the
+// later one wins, and the earlier one's packets take the slow path (a trie lookup) from then
+// on. So a socket's owner outlives that: sockets that pass KEEP_OWNER_AFTER packets (not
+// short requests) also get an LRU entry. Both pinned: owners survive an agent restart.
+#define SOCK_SLOTS 262144
+#define KEEP_OWNER_AFTER 16
+BPF_TABLE_PINNED("array", u32, struct sock_info, sock_slots, SOCK_SLOTS, EW_PIN_DIR "/sock_slots");
+BPF_TABLE_PINNED("lru_hash", u64, u32, sock_owners, 65536, EW_PIN_DIR "/sock_owners");
+
+#define compiler_barrier() asm volatile("" ::: "memory")
+
+static __always_inline struct sock_info *slot_of(u64 cookie) {
+    u32 index = cookie & (SOCK_SLOTS - 1);
+    return sock_slots.lookup(&index);
+}
+
+// A slot is written with its cookie cleared and read with the cookie checked before and
+// after (a sequence lock: x86 and arm64 JITs keep the order the compiler barriers fix), so
+// a reader never takes half of one socket's entry and half of another's.
+static __always_inline void write_slot(struct sock_info *info) {
+    struct sock_info *slot = slot_of(info->cookie);
+    if (!slot)
+        return;
+    slot->cookie = 0;
+    compiler_barrier();
+    __builtin_memcpy((u8 *)slot + 8, (u8 *)info + 8, sizeof(*info) - 8);
+    compiler_barrier();
+    slot->cookie = info->cookie;
+}
+
+static __always_inline int read_slot(u64 cookie, struct sock_info *out, struct sock_info **slot_out) {
+    struct sock_info *slot = slot_of(cookie);
+    if (!slot || slot->cookie != cookie)
+        return 0;
+    compiler_barrier();
+    __builtin_memcpy(out, slot, sizeof(*out));
+    compiler_barrier();
+    *slot_out = slot;
+    return slot->cookie == cookie;
+}
 
 // Outbound bytes and packets per workload, process and destination; the agent reads it
 // (agent/traffic). Pinned, so totals survive an agent restart; LRU, so it stays bounded.
@@ -226,11 +267,10 @@ static __always_inline int same_address(const u8 a[16], const u8 b[16]) {
     return x[0] == y[0] && x[1] == y[1];
 }
 
-// A whole new entry rather than a write into the old one: readers on other CPUs see the old
-// judgement or the new one, never half of each.
-static __always_inline void remember_destination(u64 cookie, u32 tgid, struct workload_state *st, u32 wl,
+static __always_inline void remember_destination(u64 cookie, u32 tgid, u16 kept, struct workload_state *st, u32 wl,
                                                  const u8 addr[16], u8 proto, u16 port, u8 listen) {
     struct sock_info info = {};
+    info.cookie = cookie;
     info.generation = st->generation;
     info.tgid = tgid;
     info.workload = wl;
@@ -238,7 +278,8 @@ static __always_inline void remember_destination(u64 cookie, u32 tgid, struct wo
     info.port = port;
     info.proto = proto;
     info.listen = listen;
-    sock_info.update(&cookie, &info);
+    info.kept = kept;
+    write_slot(&info);
 }
 
 static __always_inline void ipv4_mapped(u32 ip4_be, u8 out[16]) {
@@ -290,7 +331,7 @@ static __always_inline int check_sock_addr(struct bpf_sock_addr *ctx, u32 kind, 
     int verdict = verdict_for(st, destination_allowed(wl, ev.daddr, ev.proto, ev.dport));
     u64 cookie = bpf_get_socket_cookie(ctx);
     if (verdict != VERDICT_DENY) {
-        remember_destination(cookie, bpf_get_current_pid_tgid() >> 32, st, wl, ev.daddr, ev.proto, ev.dport, 0);
+        remember_destination(cookie, bpf_get_current_pid_tgid() >> 32, 0, st, wl, ev.daddr, ev.proto, ev.dport, 0);
         if (verdict == VERDICT_ALLOW)
             return 1;
     }
@@ -443,13 +484,19 @@ int ew_egress(struct __sk_buff *skb) {
         return 1;  // not IP: nothing the allowlist speaks of
 
     u64 cookie = bpf_get_socket_cookie(skb);
-    struct sock_info *info = sock_info.lookup(&cookie);
-    if (info) {
-        u32 cached_wl = info->workload;
+    struct sock_info info;
+    struct sock_info *slot = 0;
+    int known = read_slot(cookie, &info, &slot);
+    if (known) {
+        u32 cached_wl = info.workload;
         struct workload_state *cached = workloads.lookup(&cached_wl);
-        if (cached && cached->active && cached->generation == info->generation && info->proto == d.proto &&
-            (info->listen ? info->port == d.sport : info->port == d.dport && same_address(info->addr, d.addr))) {
-            count(info->tgid, cached_wl, info->listen, &d, skb->len);
+        if (cached && cached->active && cached->generation == info.generation && info.proto == d.proto &&
+            (info.listen ? info.port == d.sport : info.port == d.dport && same_address(info.addr, d.addr))) {
+            count(info.tgid, cached_wl, info.listen, &d, skb->len);
+            if (!info.kept && info.tgid && ++slot->seen >= KEEP_OWNER_AFTER) {
+                slot->kept = 1;
+                sock_owners.update(&cookie, &info.tgid);
+            }
             return 1;
         }
     }
@@ -464,9 +511,20 @@ int ew_egress(struct __sk_buff *skb) {
         report_backstop(skb, cookie, st, wl, &d, verdict);
     if (verdict == VERDICT_DENY)
         return 0;
-    u32 tgid = info ? info->tgid : 0;
+    u32 tgid = 0;
+    u16 kept = 0;
+    if (known) {
+        tgid = info.tgid;
+        kept = info.kept;
+    } else {
+        u32 *owner = sock_owners.lookup(&cookie);  // its slot was taken by a later socket
+        if (owner) {
+            tgid = *owner;
+            kept = 1;
+        }
+    }
     if (d.has_ports)
-        remember_destination(cookie, tgid, st, wl, d.addr, d.proto, listen ? d.sport : d.dport, listen);
+        remember_destination(cookie, tgid, kept, st, wl, d.addr, d.proto, listen ? d.sport : d.dport, listen);
     count(tgid, wl, listen, &d, skb->len);
     return 1;
 }

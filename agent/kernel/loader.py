@@ -27,12 +27,14 @@ _KEY_FIXED_BITS = 64  # workload, protocol, pad and port precede the address in 
 # own protocol and everything else under "any", two lookups per judgement instead of four.
 _TRIE_PROTOCOLS = {"any": ("any", "tcp", "udp"), "tcp": ("tcp",), "udp": ("udp",)}
 DEFAULT_PIN_DIR = Path("/sys/fs/bpf/egress-warden")
+_BPF_MAP_TYPE_ARRAY = 2
 _BPF_MAP_TYPE_LRU_HASH = 9
 # The layout bpf/warden.bpf.c gives its pinned maps. bcc reuses a pinned map whatever its
 # layout and the verifier then refuses the programs with a bare EACCES, so it is checked first.
 PINNED_MAPS = {
     "traffic": bpfsys.MapLayout(_BPF_MAP_TYPE_LRU_HASH, 32, 16, 65536),
-    "sock_info": bpfsys.MapLayout(_BPF_MAP_TYPE_LRU_HASH, 8, 40, 131072),
+    "sock_slots": bpfsys.MapLayout(_BPF_MAP_TYPE_ARRAY, 4, 48, 262144),
+    "sock_owners": bpfsys.MapLayout(_BPF_MAP_TYPE_LRU_HASH, 8, 4, 65536),
 }
 
 
