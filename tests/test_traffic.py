@@ -178,6 +178,44 @@ def test_two_processes_of_one_workload_are_counted_apart(lab, make_agent):
         assert_within_headers(counter, size, IPV4_HEADER + TCP_HEADER_MAX)
 
 
+# Serves one client on the listen port: sends it N bytes, then waits for its close.
+LISTENER = """
+import socket, sys
+server = socket.create_server((sys.argv[1], int(sys.argv[2])))
+print("ready", flush=True)
+client, _ = server.accept()
+client.sendall(b"y" * int(sys.argv[3]))
+client.shutdown(socket.SHUT_WR)
+while client.recv(65536):
+    pass
+"""
+
+READER = """
+import socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])))
+received = 0
+while chunk := s.recv(65536):
+    received += len(chunk)
+s.close()
+print(received)
+"""
+
+
+def test_replies_to_clients_are_counted_under_the_listen_port(lab, make_agent):
+    name, listen_port, size = unique_name("tb"), 4000, 200_000
+    agent = make_agent(traffic_policy(name).replace("on_violation: deny", f"listen: [{listen_port}]"), [name])
+    server = lab.run_in_router(agent.run_cmd(name, [sys.executable, "-c", LISTENER, Lab.ROUTER4, str(listen_port),
+                                                    str(size)]), stdout=subprocess.PIPE, text=True)
+    assert server.stdout.readline().strip() == "ready"
+    reader = lab.run_in_net([sys.executable, "-c", READER, Lab.ROUTER4, str(listen_port)],
+                            stdout=subprocess.PIPE, text=True)
+    assert int(reader.communicate(timeout=30)[0]) == size
+    server.wait(timeout=10)
+    bucket = [c for c in read_pinned_traffic(agent.pin_dir) if c.listen]
+    assert [(c.tgid, c.address, c.port, c.protocol) for c in bucket] == [(0, None, listen_port, socket.IPPROTO_TCP)]
+    assert_within_headers(bucket[0], size, IPV4_HEADER + TCP_HEADER_MAX)
+
+
 def test_counters_survive_an_agent_restart(lab, make_agent):
     name = unique_name("tb")
     agent = make_agent(traffic_policy(name), [name])
