@@ -20,13 +20,13 @@ import psutil
 from agent import actions, cgroups
 from agent.events import Destination, Event, EventBus, EventKind, ProcessInfo
 from agent.events.process import describe_process
-from agent.kernel.loader import DEFAULT_PIN_DIR, PORT_ANY, AllowEntry, KernelPrograms
 from agent.actions.hooks import DEFAULT_TIMEOUT_SECONDS, HookOutcome, HookRunner
+from agent.kernel.loader import DEFAULT_PIN_DIR, PORT_ANY, AllowEntry, KernelPrograms
 from agent.kernel.records import Kind, KernelRecord, Verdict
 from agent.kernel.sockets import InetSocket, destroy_socket, process_sockets
 from agent.policy import Policy, PolicyError, Workload, load_policy
-from agent.traffic import Anomaly, BudgetCrossing, NameLookup, ProcessTraffic, TrafficWatch, no_names
-from agent.traffic.meter import DestinationTraffic
+from agent.traffic import (Anomaly, BudgetCrossing, DestinationTraffic, NameLookup, ProcessTraffic, TrafficWatch,
+                           no_names)
 
 log = logging.getLogger("egress_warden")
 
