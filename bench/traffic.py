@@ -5,7 +5,8 @@
 Both are measured in one run, in interleaved rounds (without/with, then with/without, ...),
 so a drift of this shared machine favours neither side:
 1. bulk TCP: iperf3 from ROUTER to an iperf3 server in NET over the Lab's veth pair, sender
-   throughput; under `warden run` every packet passes the counting backstop;
+   throughput, by wall time and per second of the sender's CPU; under `warden run` every
+   packet passes the counting backstop;
 2. connect rate: the connect client of bench/foundation.py (connect + reset close), by wall
    time and by the client's own CPU time (user + system, which includes the BPF programs
    run in its context). CPU time is less disturbed by other work on a busy machine.
@@ -51,12 +52,17 @@ def bench_policy(workload: str) -> str:
     """
 
 
-def iperf_gbit_per_second(lab: Lab, argv: list[str]) -> float:
+def iperf_measures(lab: Lab, argv: list[str]) -> dict[str, float]:
+    """Sender throughput, by wall time and per second of the sender's CPU (iperf3's own
+    getrusage figure: user + system)."""
     client = lab.run_in_router(argv, stdout=subprocess.PIPE, text=True)
     out, _ = client.communicate(timeout=120)
     if client.returncode != 0:
         raise RuntimeError(f"iperf3 failed (exit {client.returncode}): {out[-2000:]}")
-    return json.loads(out)["end"]["sum_sent"]["bits_per_second"] / 1e9
+    end = json.loads(out)["end"]
+    gbit = end["sum_sent"]["bits_per_second"] / 1e9
+    cpu_share = end["cpu_utilization_percent"]["host_total"] / 100
+    return {"bulk_gbit_per_second": gbit, "bulk_gbit_per_cpu_second": gbit / max(cpu_share, 1e-9)}
 
 
 def interleaved(runs: dict[str, Callable[[], dict[str, float]]], rounds: int, label: str) -> dict[str, Pair]:
@@ -88,8 +94,8 @@ def run(lab: Lab, agent: AgentProcess, workload: str, rounds: int, connects: int
     lab.run_in_net(["iperf3", "-s", "-B", Lab.PROVIDER4, "-p", str(IPERF_PORT)], stdout=subprocess.DEVNULL)
     start_accept_server(lab)
     iperf = ["iperf3", "-c", Lab.PROVIDER4, "-p", str(IPERF_PORT), "-t", str(seconds), "-J"]
-    results = interleaved({"without": lambda: {"bulk_gbit_per_second": iperf_gbit_per_second(lab, iperf)},
-                           "with": lambda: {"bulk_gbit_per_second": iperf_gbit_per_second(lab, agent.run_cmd(workload, iperf))}},
+    results = interleaved({"without": lambda: iperf_measures(lab, iperf),
+                           "with": lambda: iperf_measures(lab, agent.run_cmd(workload, iperf))},
                           rounds, "bulk TCP")
     client = [sys.executable, "-c", CONNECT_CLIENT, Lab.PROVIDER4, str(PROVIDER_PORT), str(connects)]
     results |= interleaved({"without": lambda: connect_measures(client_run(lab, client, own_cgroup()), connects),
@@ -98,7 +104,7 @@ def run(lab: Lab, agent: AgentProcess, workload: str, rounds: int, connects: int
     return {measure: {"samples": pair, **ratios(pair)} for measure, pair in results.items()}
 
 
-UNITS = {"bulk_gbit_per_second": "Gbit/s", "connects_per_second": "/s", "connects_per_cpu_second": "/CPU s"}
+UNITS = {"bulk_gbit_per_second": "Gbit/s", "bulk_gbit_per_cpu_second": "Gbit/CPU s", "connects_per_second": "/s", "connects_per_cpu_second": "/CPU s"}
 
 
 def table(result: dict[str, Any]) -> str:
