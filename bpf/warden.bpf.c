@@ -379,11 +379,23 @@ struct packet_dest {
     u16 family;
 };
 
+// Headers of locally sent packets are in the skb's linear part: read them in place, and
+// through the helper (a call and a copy) only when they are not.
+static __always_inline int load_bytes(struct __sk_buff *skb, u32 offset, void *to, u32 len) {
+    void *data = (void *)(long)skb->data;
+    void *end = (void *)(long)skb->data_end;
+    if (offset <= 64 && data + offset + len <= end) {
+        __builtin_memcpy(to, data + offset, len);
+        return 0;
+    }
+    return bpf_skb_load_bytes(skb, offset, to, len);
+}
+
 static __always_inline int parse_ports(struct __sk_buff *skb, u32 offset, struct packet_dest *d) {
     if (d->proto != IPPROTO_TCP && d->proto != IPPROTO_UDP)
         return 0;
     u16 ports[2];
-    if (bpf_skb_load_bytes(skb, offset, ports, sizeof(ports)) < 0)
+    if (load_bytes(skb, offset, ports, sizeof(ports)) < 0)
         return -1;
     d->sport = bpf_ntohs(ports[0]);
     d->dport = bpf_ntohs(ports[1]);
@@ -394,7 +406,7 @@ static __always_inline int parse_ports(struct __sk_buff *skb, u32 offset, struct
 static __always_inline int parse_packet(struct __sk_buff *skb, struct packet_dest *d) {
     if (skb->protocol == bpf_htons(ETH_P_IP)) {
         struct iphdr ip;
-        if (bpf_skb_load_bytes(skb, 0, &ip, sizeof(ip)) < 0)
+        if (load_bytes(skb, 0, &ip, sizeof(ip)) < 0)
             return -1;
         ipv4_mapped(ip.daddr, d->addr);
         d->proto = ip.protocol;
@@ -406,7 +418,7 @@ static __always_inline int parse_packet(struct __sk_buff *skb, struct packet_des
     }
     if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
         struct ipv6hdr ip6;
-        if (bpf_skb_load_bytes(skb, 0, &ip6, sizeof(ip6)) < 0)
+        if (load_bytes(skb, 0, &ip6, sizeof(ip6)) < 0)
             return -1;
         __builtin_memcpy(d->addr, &ip6.daddr, 16);
         // Extension headers are not walked: such packets match only "any port" rules.
