@@ -23,10 +23,13 @@ from agent.dns.names import NameMatcher
 from agent.dns.proxy import DnsProxy, WorkloadDns, parse_upstreams
 from agent.events import Destination, Event, EventBus, EventKind, ProcessInfo
 from agent.events.process import describe_process
-from agent.kernel.loader import PORT_ANY, AllowEntry, KernelPrograms
+from agent.actions.hooks import DEFAULT_TIMEOUT_SECONDS, HookOutcome, HookRunner
+from agent.kernel.loader import DEFAULT_PIN_DIR, PORT_ANY, AllowEntry, KernelPrograms
 from agent.kernel.records import Kind, KernelRecord, Verdict
 from agent.kernel.sockets import InetSocket, destroy_socket, process_sockets
 from agent.policy import Policy, PolicyError, Workload, load_policy
+from agent.traffic import (Anomaly, BudgetCrossing, DestinationTraffic, NameLookup, ProcessTraffic, TrafficWatch,
+                           no_names)
 
 log = logging.getLogger("egress_warden")
 
@@ -35,6 +38,9 @@ _PROTOCOL_NAMES = {socket.IPPROTO_TCP: "tcp", socket.IPPROTO_UDP: "udp", socket.
 _HOOK_NAMES = {Kind.CONNECT: "connect", Kind.SENDMSG: "sendmsg", Kind.SOCK_CREATE: "sock_create",
                Kind.BACKSTOP: "egress"}
 _LOST_CHECK_SECONDS = 1.0
+# Violations an operator's on_violation hook hears about: refusals in enforce mode.
+_VIOLATION_KINDS = {EventKind.EGRESS_DENIED, EventKind.CGROUP_ESCAPE, EventKind.SOCKET_DESTROYED}
+_BUDGET_KINDS = {EventKind.BUDGET_EXCEEDED, EventKind.ANOMALY}
 
 
 @dataclass
@@ -79,9 +85,12 @@ def destination_allowed(spec: Workload, ip: str, port: int, protocol: str) -> bo
 
 
 class Agent:
-    def __init__(self, policy_path: Path, state_dir: Path, bus: EventBus) -> None:
+    def __init__(self, policy_path: Path, state_dir: Path, bus: EventBus, pin_dir: Path = DEFAULT_PIN_DIR,
+                 names: NameLookup = no_names, hook_timeout: float = DEFAULT_TIMEOUT_SECONDS) -> None:
+        """`names` gives the DNS name an address was resolved from (the DNS proxy's), if any."""
         self.policy_path = Path(policy_path)
         self.state_dir = Path(state_dir)
+        self.pin_dir = Path(pin_dir)
         self.bus = bus
         self.policy: Policy | None = None
         self.kernel: KernelPrograms | None = None
@@ -95,6 +104,8 @@ class Agent:
         self._joined_by_agent: dict[int, str] = {}
         self._cgroup_root = cgroups.cgroup2_root()
         self._never_adopt = {os.getpid(), *(p.pid for p in psutil.Process().parents())}
+        self.traffic = TrafficWatch(names)
+        self._hooks = HookRunner(self._on_hook_finished, hook_timeout)
 
     # --- life cycle -------------------------------------------------------------------
 
@@ -103,7 +114,7 @@ class Agent:
         Returns the seconds from start to enforcing."""
         started = time.monotonic()
         policy = load_policy(self.policy_path)  # PolicyError: nothing to enforce, refuse to start
-        self.kernel = KernelPrograms()
+        self.kernel = KernelPrograms(pin_dir=self.pin_dir)
         self.kernel.on_record(self._on_record)
         self.dns = DnsProxy(self.kernel, self._dns_events)
         self.dns.start()
@@ -130,8 +141,10 @@ class Agent:
                 with self._lock:
                     self._report_lost_records()
                     self._attach_new_unit_cgroups()
+                    self._account_traffic()
                 self.dns.sweep()
         self.dns.stop()
+        self._hooks.close()
         self._publish(Event(EventKind.AGENT_STOPPED, detail={
             "enforcement": "left attached: workloads stay enforced until the agent returns"}))
 
@@ -497,6 +510,77 @@ class Agent:
     def _cause(cause: Event | None) -> dict[str, Any]:
         return {"cause_seq": cause.seq, "cause_kind": cause.kind.value} if cause else {"cause": "operator"}
 
+    # --- traffic: counters -> budgets, spikes -------------------------------------------
+
+    def traffic_by_process(self) -> list[ProcessTraffic]:
+        """Per process (pid, comm, workload): bytes, packets and rate per destination, as of
+        the last tick (one a second)."""
+        return self.traffic.processes()
+
+    def traffic_by_workload(self) -> dict[str, list[DestinationTraffic]]:
+        return {name: self.traffic.destinations(name) for name in self.workloads}
+
+    def _account_traffic(self) -> None:
+        by_index = {w.index: w.spec for w in self.workloads.values()}
+        crossings, anomalies = self.traffic.tick(self.kernel.traffic_counters(), by_index, time.monotonic())
+        for crossing in crossings:
+            self._on_budget_crossed(crossing)
+        for anomaly in anomalies:
+            self._on_anomaly(anomaly)
+
+    def _on_budget_crossed(self, crossing: BudgetCrossing) -> None:
+        running = self.workloads[crossing.workload]
+        budget = crossing.budget
+        acting = budget.action != "alert" and running.spec.mode == "enforce"
+        event = self._publish(Event(
+            EventKind.BUDGET_EXCEEDED, workload=crossing.workload, bytes=crossing.window_bytes,
+            destination=Destination(budget.cidr, None, "any", budget.fqdn),
+            detail={"budget": {"fqdn": budget.fqdn, "cidr": budget.cidr, "bytes_per_minute": budget.bytes_per_minute,
+                               "action": budget.action},
+                    "window_seconds": crossing.window_seconds, "destinations": list(crossing.destinations),
+                    "processes": self.traffic.top_processes(crossing.workload, crossing.destinations),
+                    **({} if acting or budget.action == "alert" else {"action_not_taken": "monitor mode"})}))
+        if not acting or running.quarantined:
+            return
+        if budget.action == "kill":
+            self.kill(crossing.workload, cause=event)
+        elif budget.action == "quarantine":
+            self.quarantine(crossing.workload, cause=event)
+
+    def _on_anomaly(self, anomaly: Anomaly) -> None:
+        d = anomaly.destination
+        self._publish(Event(
+            EventKind.ANOMALY, workload=anomaly.workload, bytes=d.bytes,
+            destination=Destination(d.address, d.port, d.protocol, d.fqdn),
+            detail={"rate_bytes_per_second": round(anomaly.rate), "baseline_bytes_per_second": round(anomaly.baseline),
+                    "factor": anomaly.factor, "reason": "send rate above the policy's spike.factor times the "
+                    "workload's own recent rate toward this destination"}))
+
+    # --- hooks -------------------------------------------------------------------------
+
+    def _run_hooks(self, event: Event) -> None:
+        running = self.workloads.get(event.workload or "")
+        if running is None:
+            return
+        hooks = running.spec.hooks
+        if event.kind in _VIOLATION_KINDS and event.verdict == "deny":
+            commands, hook = hooks.on_violation, "on_violation"
+        elif event.kind in _BUDGET_KINDS:
+            commands, hook = hooks.on_budget, "on_budget"
+        else:
+            return
+        if commands:
+            self._hooks.run(commands, workload=running.spec.name, hook=hook, event_json=event.to_json(),
+                            cause_seq=event.seq)
+
+    def _on_hook_finished(self, outcome: HookOutcome) -> None:
+        """On a hook worker thread."""
+        self._publish(Event(EventKind.HOOK_FINISHED, workload=outcome.workload, detail={
+            "hook": outcome.hook, "command": outcome.command, "outcome": outcome.outcome,
+            "exit_status": outcome.exit_status, "timed_out": outcome.timed_out, "seconds": outcome.seconds,
+            "cause_seq": outcome.cause_seq, "error": outcome.error,
+            "skipped_while_running": outcome.skipped_while_running}))
+
     # --- bookkeeping ----------------------------------------------------------------------
 
     def _report_lost_records(self) -> None:
@@ -507,5 +591,8 @@ class Agent:
             self._lost_reported = lost
 
     def _publish(self, event: Event) -> Event:
-        return self.bus.publish(event)
+        with self._lock:  # hook workers publish too: one sequence, one order
+            published = self.bus.publish(event)
+            self._run_hooks(published)
+            return published
 

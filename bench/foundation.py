@@ -64,14 +64,16 @@ CONNECT_CLIENT = """
 import json, socket, struct, sys, time
 host, port, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 reset_on_close = struct.pack("ii", 1, 0)
-started = time.perf_counter()
+def on_cpu_seconds():  # the scheduler's own count, in ns: exact, where process_time() is sampled per tick
+    return int(open("/proc/thread-self/schedstat").read().split()[0]) / 1e9
+started, cpu_started = time.perf_counter(), on_cpu_seconds()
 for _ in range(count):
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, reset_on_close)
         s.connect((host, port))
-seconds = time.perf_counter() - started
+seconds, cpu_seconds = time.perf_counter() - started, on_cpu_seconds() - cpu_started
 cgroup = next(line[3:].strip() for line in open("/proc/self/cgroup") if line.startswith("0::"))
-print(json.dumps({"seconds": seconds, "cgroup": cgroup}))
+print(json.dumps({"seconds": seconds, "cpu_seconds": cpu_seconds, "cgroup": cgroup}))
 """
 
 # Prints CLOCK_MONOTONIC right before the forbidden connect; the agent then kills it.
@@ -178,8 +180,8 @@ def own_cgroup() -> str:
                 if line.startswith("0::"))
 
 
-def client_rate(lab: Lab, argv: list[str], connects: int, expected_cgroup: str) -> float:
-    """Connects per second of one client run; checks it ran in the cgroup it was meant to."""
+def client_run(lab: Lab, argv: list[str], expected_cgroup: str) -> dict[str, Any]:
+    """One connect client run's seconds (wall and CPU); checks it ran in the cgroup it was meant to."""
     client = lab.run_in_router(argv, stdout=subprocess.PIPE, text=True)
     out, _ = client.communicate(timeout=120)
     if client.returncode != 0:
@@ -187,7 +189,12 @@ def client_rate(lab: Lab, argv: list[str], connects: int, expected_cgroup: str) 
     result = json.loads(out)
     if result["cgroup"] != expected_cgroup:
         raise RuntimeError(f"connect client ran in {result['cgroup']}, not in {expected_cgroup}")
-    return connects / result["seconds"]
+    return result
+
+
+def client_rate(lab: Lab, argv: list[str], connects: int, expected_cgroup: str) -> float:
+    """Connects per second of one client run."""
+    return connects / client_run(lab, argv, expected_cgroup)["seconds"]
 
 
 def measure_connect_rates(lab: Lab, agent: AgentProcess, workload: str, connects: int,

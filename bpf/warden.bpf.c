@@ -14,6 +14,10 @@
 #include <uapi/linux/ipv6.h>
 #include <linux/socket.h>
 
+#ifndef EW_PIN_DIR
+#define EW_PIN_DIR "/sys/fs/bpf/egress-warden"  // the agent passes its --pin-dir
+#endif
+
 #define MAX_WORKLOADS 256
 #define MAX_CGROUP_DEPTH 16
 // The default (v2) hierarchy has id 0: it is the "0::" line of /proc/PID/cgroup.
@@ -97,6 +101,84 @@ BPF_HASH(cgroup_workload, u64, u32, 4096);
 BPF_HASH(listen_ports, struct listen_key, u8, 4096);
 BPF_F_TABLE("lpm_trie", struct allow_key, struct allow_value, allow, 262144, BPF_F_NO_PREALLOC);
 BPF_TABLE("lru_hash", u32, u32, members, 65536);
+
+// Per socket, written in process context (connect, sendmsg), where `current` is the
+// process using the socket; the backstop runs in softirq, where it is not. It holds the
+// socket's process and the last destination judged for it, so the backstop lets further
+// packets to that destination through without a trie lookup while the workload's
+// generation (bumped on every policy change) is unchanged.
+struct sock_info {
+    u64 cookie;  // the socket it describes; 0 while being rewritten
+    u64 generation;
+    u32 tgid;  // 0: not known (a socket no hook of the workload saw being connected)
+    u32 workload;
+    u8 addr[16];
+    u16 port;
+    u8 proto;
+    u8 listen;  // a reply on one of the workload's listen ports: counted per port
+    u16 seen;  // packets it let through (not atomic: only decides when to keep the owner)
+    u16 kept;  // its tgid is in sock_owners too
+};
+
+// One slot per socket, at cookie % SOCK_SLOTS: a write is a few stores, where a hash or LRU
+// update (or socket storage) costs 0.8-1 us per connect, most of the connect hook's time
+// (measured, kernel.bpf_stats_enabled). Two sockets 2^18 cookies apart share a slot; the
+// later one wins, and the earlier one's packets take the slow path (a trie lookup) from then
+// on. So a socket's owner outlives that: sockets that pass KEEP_OWNER_AFTER packets (not
+// short requests) also get an LRU entry. Both pinned: owners survive an agent restart.
+#define SOCK_SLOTS 262144
+#define KEEP_OWNER_AFTER 16
+BPF_TABLE_PINNED("array", u32, struct sock_info, sock_slots, SOCK_SLOTS, EW_PIN_DIR "/sock_slots");
+BPF_TABLE_PINNED("lru_hash", u64, u32, sock_owners, 65536, EW_PIN_DIR "/sock_owners");
+
+#define compiler_barrier() asm volatile("" ::: "memory")
+
+static __always_inline struct sock_info *slot_of(u64 cookie) {
+    u32 index = cookie & (SOCK_SLOTS - 1);
+    return sock_slots.lookup(&index);
+}
+
+// A slot is written with its cookie cleared and read with the cookie checked before and
+// after (a sequence lock: x86 and arm64 JITs keep the order the compiler barriers fix), so
+// a reader never takes half of one socket's entry and half of another's.
+static __always_inline void write_slot(struct sock_info *info) {
+    struct sock_info *slot = slot_of(info->cookie);
+    if (!slot)
+        return;
+    slot->cookie = 0;
+    compiler_barrier();
+    __builtin_memcpy((u8 *)slot + 8, (u8 *)info + 8, sizeof(*info) - 8);
+    compiler_barrier();
+    slot->cookie = info->cookie;
+}
+
+static __always_inline int read_slot(u64 cookie, struct sock_info *out, struct sock_info **slot_out) {
+    struct sock_info *slot = slot_of(cookie);
+    if (!slot || slot->cookie != cookie)
+        return 0;
+    compiler_barrier();
+    __builtin_memcpy(out, slot, sizeof(*out));
+    compiler_barrier();
+    *slot_out = slot;
+    return slot->cookie == cookie;
+}
+
+// Outbound bytes and packets per workload, process and destination; the agent reads it
+// (agent/traffic). Pinned, so totals survive an agent restart; LRU, so it stays bounded.
+struct traffic_key {
+    u32 workload;
+    u32 tgid;
+    u8 addr[16];  // zero for the listen bucket
+    u16 port;  // destination port; the listen port for the listen bucket
+    u8 proto;
+    u8 listen;
+    u32 pad;
+};
+struct traffic_value {
+    u64 bytes;
+    u64 packets;
+};
+BPF_TABLE_PINNED("lru_hash", struct traffic_key, struct traffic_value, traffic, 65536, EW_PIN_DIR "/traffic");
 BPF_ARRAY(config, u32, 4);  // [0]: exec events for discovery wanted
 BPF_PERCPU_ARRAY(lost_events, u64, 1);
 // Backstop denials already reported, by socket cookie and policy generation: one report
@@ -191,14 +273,36 @@ static __always_inline int lookup_allowed(struct allow_key *key, u8 proto, u16 p
     return !honour_expiry || v->expires_ns == 0 || v->expires_ns > bpf_ktime_get_ns();
 }
 
+// "any protocol" rules are in the trie three times (tcp, udp, any: agent/kernel/loader.py),
+// so a judgement takes two lookups: the port, then any port. The backstop does not honour
+// expiry: an address whose DNS lifetime ended closes nothing already established.
 static __always_inline int destination_allowed(u32 wl, const u8 addr[16], u8 proto, u16 port, int honour_expiry) {
     struct allow_key key = {};
     key.prefixlen = 64 + 128;
     key.workload = wl;
     __builtin_memcpy(key.addr, addr, 16);
-    return lookup_allowed(&key, proto, port, honour_expiry) || lookup_allowed(&key, proto, PORT_ANY, honour_expiry) ||
-           lookup_allowed(&key, IPPROTO_ANY, port, honour_expiry) ||
-           lookup_allowed(&key, IPPROTO_ANY, PORT_ANY, honour_expiry);
+    u8 listed = proto == IPPROTO_TCP || proto == IPPROTO_UDP ? proto : IPPROTO_ANY;
+    return lookup_allowed(&key, listed, port, honour_expiry) || lookup_allowed(&key, listed, PORT_ANY, honour_expiry);
+}
+
+static __always_inline int same_address(const u8 a[16], const u8 b[16]) {
+    const u64 *x = (const u64 *)a, *y = (const u64 *)b;
+    return x[0] == y[0] && x[1] == y[1];
+}
+
+static __always_inline void remember_destination(u64 cookie, u32 tgid, u16 kept, struct workload_state *st, u32 wl,
+                                                 const u8 addr[16], u8 proto, u16 port, u8 listen) {
+    struct sock_info info = {};
+    info.cookie = cookie;
+    info.generation = st->generation;
+    info.tgid = tgid;
+    info.workload = wl;
+    __builtin_memcpy(info.addr, addr, 16);
+    info.port = port;
+    info.proto = proto;
+    info.listen = listen;
+    info.kept = kept;
+    write_slot(&info);
 }
 
 static __always_inline void ipv4_mapped(u32 ip4_be, u8 out[16]) {
@@ -334,14 +438,18 @@ static __always_inline int check_sock_addr(struct bpf_sock_addr *ctx, u32 kind, 
         return redirect_dns(ctx, wl, st, &ev, v6);
 
     int verdict = verdict_for(st, destination_allowed(wl, ev.daddr, ev.proto, ev.dport, 1));
-    if (verdict == VERDICT_ALLOW)
-        return 1;
+    u64 cookie = bpf_get_socket_cookie(ctx);
+    if (verdict != VERDICT_DENY) {
+        remember_destination(cookie, bpf_get_current_pid_tgid() >> 32, 0, st, wl, ev.daddr, ev.proto, ev.dport, 0);
+        if (verdict == VERDICT_ALLOW)
+            return 1;
+    }
 
     fill_task(&ev);
     ev.kind = kind;
     ev.workload = wl;
     ev.verdict = verdict;
-    ev.cookie = bpf_get_socket_cookie(ctx);
+    ev.cookie = cookie;
     emit(&ev);
     return verdict == VERDICT_OBSERVE;
 }
@@ -380,11 +488,23 @@ struct packet_dest {
     u16 family;
 };
 
+// Headers of locally sent packets are in the skb's linear part: read them in place, and
+// through the helper (a call and a copy) only when they are not.
+static __always_inline int load_bytes(struct __sk_buff *skb, u32 offset, void *to, u32 len) {
+    void *data = (void *)(long)skb->data;
+    void *end = (void *)(long)skb->data_end;
+    if (offset <= 64 && data + offset + len <= end) {
+        __builtin_memcpy(to, data + offset, len);
+        return 0;
+    }
+    return bpf_skb_load_bytes(skb, offset, to, len);
+}
+
 static __always_inline int parse_ports(struct __sk_buff *skb, u32 offset, struct packet_dest *d) {
     if (d->proto != IPPROTO_TCP && d->proto != IPPROTO_UDP)
         return 0;
     u16 ports[2];
-    if (bpf_skb_load_bytes(skb, offset, ports, sizeof(ports)) < 0)
+    if (load_bytes(skb, offset, ports, sizeof(ports)) < 0)
         return -1;
     d->sport = bpf_ntohs(ports[0]);
     d->dport = bpf_ntohs(ports[1]);
@@ -395,7 +515,7 @@ static __always_inline int parse_ports(struct __sk_buff *skb, u32 offset, struct
 static __always_inline int parse_packet(struct __sk_buff *skb, struct packet_dest *d) {
     if (skb->protocol == bpf_htons(ETH_P_IP)) {
         struct iphdr ip;
-        if (bpf_skb_load_bytes(skb, 0, &ip, sizeof(ip)) < 0)
+        if (load_bytes(skb, 0, &ip, sizeof(ip)) < 0)
             return -1;
         ipv4_mapped(ip.daddr, d->addr);
         d->proto = ip.protocol;
@@ -407,7 +527,7 @@ static __always_inline int parse_packet(struct __sk_buff *skb, struct packet_des
     }
     if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
         struct ipv6hdr ip6;
-        if (bpf_skb_load_bytes(skb, 0, &ip6, sizeof(ip6)) < 0)
+        if (load_bytes(skb, 0, &ip6, sizeof(ip6)) < 0)
             return -1;
         __builtin_memcpy(d->addr, &ip6.daddr, 16);
         // Extension headers are not walked: such packets match only "any port" rules.
@@ -436,52 +556,117 @@ static __always_inline int to_dns_proxy(struct __sk_buff *skb, u32 wl, struct pa
     return port && *port == d->dport;
 }
 
-static __always_inline int packet_allowed(struct __sk_buff *skb, u32 wl, struct packet_dest *d) {
-    if (d->has_ports) {
-        struct listen_key lk = {.workload = wl, .port = d->sport};
-        if (d->proto == IPPROTO_TCP && listen_ports.lookup(&lk))
-            return 1;
-        return destination_allowed(wl, d->addr, d->proto, d->dport, 0) || to_dns_proxy(skb, wl, d);
-    }
-    return destination_allowed(wl, d->addr, d->proto, PORT_ANY, 0);
+static __always_inline int is_listen_reply(u32 wl, struct packet_dest *d) {
+    struct listen_key lk = {.workload = wl, .port = d->sport};
+    return d->has_ports && d->proto == IPPROTO_TCP && listen_ports.lookup(&lk);
 }
 
-// The backstop: every packet a workload's sockets send, including sockets no address hook
-// saw (opened before enforcement began) and connections a policy reload revoked. No
-// per-socket state on the allowed path: one trie lookup per packet costs less than
-// allocating socket storage for every connection.
+static __always_inline void count(u32 tgid, u32 wl, int listen, struct packet_dest *d,
+                                  u32 len) {
+    struct traffic_key key = {};
+    key.workload = wl;
+    key.tgid = tgid;
+    key.proto = d->proto;
+    if (listen) {
+        key.listen = 1;
+        key.port = d->sport;
+    } else {
+        __builtin_memcpy(key.addr, d->addr, 16);
+        key.port = d->dport;
+    }
+    struct traffic_value *v = traffic.lookup(&key);
+    if (v) {
+        __sync_fetch_and_add(&v->bytes, len);
+        __sync_fetch_and_add(&v->packets, 1);
+        return;
+    }
+    struct traffic_value first = {.bytes = len, .packets = 1};
+    if (traffic.insert(&key, &first) == 0)
+        return;
+    v = traffic.lookup(&key);  // another CPU inserted it first
+    if (v) {
+        __sync_fetch_and_add(&v->bytes, len);
+        __sync_fetch_and_add(&v->packets, 1);
+    }
+}
+
+static __always_inline void report_backstop(struct __sk_buff *skb, u64 cookie, struct workload_state *st, u32 wl,
+                                            struct packet_dest *d, int verdict) {
+    struct reported_key rk = {.cookie = cookie, .generation = st->generation};
+    if (backstop_reported.lookup(&rk))
+        return;
+    u8 one = 1;
+    backstop_reported.update(&rk, &one);
+    struct event ev = {};
+    ev.ktime_ns = bpf_ktime_get_ns();
+    ev.kind = EV_BACKSTOP;
+    ev.workload = wl;
+    ev.verdict = verdict;
+    ev.cgroup_id = bpf_skb_cgroup_id(skb);
+    ev.cookie = rk.cookie;
+    ev.family = d->family;
+    ev.proto = d->proto;
+    ev.dport = d->dport;
+    ev.sport = d->sport;
+    __builtin_memcpy(ev.daddr, d->addr, 16);
+    ev.aux = skb->len;
+    emit(&ev);
+}
+
+// The backstop and the byte counter: every packet a workload's sockets send, including
+// sockets no address hook saw (opened before enforcement began) and connections a policy
+// reload revoked. A packet to the destination its socket was last judged for, under the
+// workload's current generation, is counted and let through without a trie lookup.
 int ew_egress(struct __sk_buff *skb) {
+    struct packet_dest d = {};
+    if (parse_packet(skb, &d) < 0)
+        return 1;  // not IP: nothing the allowlist speaks of
+
+    u64 cookie = bpf_get_socket_cookie(skb);
+    struct sock_info info;
+    struct sock_info *slot = 0;
+    int known = read_slot(cookie, &info, &slot);
+    if (known) {
+        u32 cached_wl = info.workload;
+        struct workload_state *cached = workloads.lookup(&cached_wl);
+        if (cached && cached->active && cached->generation == info.generation && info.proto == d.proto &&
+            (info.listen ? info.port == d.sport : info.port == d.dport && same_address(info.addr, d.addr))) {
+            count(info.tgid, cached_wl, info.listen, &d, skb->len);
+            if (!info.kept && info.tgid && ++slot->seen >= KEEP_OWNER_AFTER) {
+                slot->kept = 1;
+                sock_owners.update(&cookie, &info.tgid);
+            }
+            return 1;
+        }
+    }
+
     u32 wl;
     struct workload_state *st = workload_of_skb(skb, &wl) ? active_state(&wl) : 0;
     if (!st)
         return 1;
-    struct packet_dest d = {};
-    if (parse_packet(skb, &d) < 0)
-        return 1;  // not IP: nothing the allowlist speaks of
-    int verdict = verdict_for(st, packet_allowed(skb, wl, &d));
-    if (verdict == VERDICT_ALLOW)
-        return 1;
-
-    struct reported_key rk = {.cookie = bpf_get_socket_cookie(skb), .generation = st->generation};
-    if (!backstop_reported.lookup(&rk)) {
-        u8 one = 1;
-        backstop_reported.update(&rk, &one);
-        struct event ev = {};
-        ev.ktime_ns = bpf_ktime_get_ns();
-        ev.kind = EV_BACKSTOP;
-        ev.workload = wl;
-        ev.verdict = verdict;
-        ev.cgroup_id = bpf_skb_cgroup_id(skb);
-        ev.cookie = rk.cookie;
-        ev.family = d.family;
-        ev.proto = d.proto;
-        ev.dport = d.dport;
-        ev.sport = d.sport;
-        __builtin_memcpy(ev.daddr, d.addr, 16);
-        ev.aux = skb->len;
-        emit(&ev);
+    int listen = is_listen_reply(wl, &d);
+    int verdict = verdict_for(st, listen || destination_allowed(wl, d.addr, d.proto, d.has_ports ? d.dport : PORT_ANY, 0) ||
+                                  (d.has_ports && to_dns_proxy(skb, wl, &d)));
+    if (verdict != VERDICT_ALLOW)
+        report_backstop(skb, cookie, st, wl, &d, verdict);
+    if (verdict == VERDICT_DENY)
+        return 0;
+    u32 tgid = 0;
+    u16 kept = 0;
+    if (known) {
+        tgid = info.tgid;
+        kept = info.kept;
+    } else {
+        u32 *owner = sock_owners.lookup(&cookie);  // its slot was taken by a later socket
+        if (owner) {
+            tgid = *owner;
+            kept = 1;
+        }
     }
-    return verdict == VERDICT_OBSERVE;
+    if (d.has_ports)
+        remember_destination(cookie, tgid, kept, st, wl, d.addr, d.proto, listen ? d.sport : d.dport, listen);
+    count(tgid, wl, listen, &d, skb->len);
+    return 1;
 }
 
 // Membership by tgid lets cgroup_attach_task tell a workload process leaving its cgroup.

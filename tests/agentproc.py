@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from agent import cgroups
-from agent.kernel.loader import detach_all
+from agent.kernel.loader import detach_all, remove_pins
 
 REPO = Path(__file__).resolve().parents[1]
 WARDEN = [sys.executable, "-m", "agent.cli"]
@@ -59,6 +59,8 @@ class AgentProcess:
         self.state_dir = tmp / "state"
         self.log = tmp / "agent.log"
         self.workloads = workloads
+        # Other engineers' agents run on this machine too: every test agent pins its own maps.
+        self.pin_dir = Path("/sys/fs/bpf") / f"ew-test-{secrets.token_hex(4)}"
         self.process: subprocess.Popen | None = None
         # Short and unique (a Unix socket path has at most 107 bytes; other agents run beside ours).
         self.socket_dir = Path(tempfile.mkdtemp(prefix="ew-api-"))
@@ -66,12 +68,14 @@ class AgentProcess:
         self.agent_args: list[str] = []  # extra `warden agent` options for the next start
 
     def start(self, timeout: float = 30.0, prefix: list[str] = (), env: dict[str, str] | None = None) -> None:
-        """`prefix` runs the agent under another command (e.g. setpriv); `env` adds variables."""
+        """`prefix` runs the agent under another command (e.g. setpriv); `env` adds variables.
+        Metrics are off (other agents on this machine may hold the default port) unless
+        `agent_args` turns them on: the last --metrics-listen wins."""
         already = len(self.events())
         self.process = subprocess.Popen(
             [*prefix, *WARDEN, "agent", "--policy", str(self.policy), "--events-file", str(self.events_file),
-             "--state-dir", str(self.state_dir), "--agent-id", "test-agent", "--socket", str(self.socket),
-             *self.agent_args],
+             "--state-dir", str(self.state_dir), "--pin-dir", str(self.pin_dir), "--agent-id", "test-agent",
+             "--socket", str(self.socket), "--metrics-listen", "off", *self.agent_args],
             cwd=REPO, stderr=open(self.log, "a"), stdout=subprocess.DEVNULL, env={**os.environ, **(env or {})})
         self.wait_for(lambda e: e["kind"] == "agent_started", timeout=timeout, after=already)
         self._wait_for_api(timeout)
@@ -125,6 +129,7 @@ class AgentProcess:
             if cgroup.exists():
                 detach_all(cgroup)
                 cgroups.remove(cgroup)
+        remove_pins(self.pin_dir)
 
     def cgroup(self, workload: str) -> Path:
         return cgroups.warden_parent() / workload

@@ -15,7 +15,7 @@ import pytest
 from agent import cgroups
 from agent.daemon import Agent
 from agent.events import EventBus, JsonLinesSink
-from agent.kernel.loader import attached_warden_programs
+from agent.kernel.loader import attached_warden_programs, remove_pins
 from agentproc import REPO, ROUTER, WARDEN, complete_lines, outcome, unique_name, workload_policy, write_policy
 from agent.lab.network import Lab
 
@@ -168,7 +168,8 @@ def in_process_agent(tmp_path):
         events = tmp_path / "events.jsonl"
         bus = EventBus("test-agent", tmp_path)
         bus.subscribe(JsonLinesSink(open(events, "a")))
-        agent = Agent(write_policy(tmp_path / "policy.yaml", policy_text), tmp_path, bus)
+        agent = Agent(write_policy(tmp_path / "policy.yaml", policy_text), tmp_path, bus,
+                      pin_dir=Path("/sys/fs/bpf") / f"ew-test-{unique_name('inproc')}")
         agent.start()
         thread = threading.Thread(target=agent.run, daemon=True)
         thread.start()
@@ -180,6 +181,7 @@ def in_process_agent(tmp_path):
         agent.stop()
         thread.join(timeout=5)
         agent.kernel.close()
+        remove_pins(agent.pin_dir)
         for name in workloads:
             cgroups.remove(cgroups.warden_parent() / name)
 

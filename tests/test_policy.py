@@ -19,6 +19,7 @@ from agent.policy import (
     Match,
     PolicyError,
     PolicyProblem,
+    Spike,
     load_policy,
     parse_policy,
 )
@@ -370,6 +371,26 @@ def test_bad_budget_size_is_refused(written: str, reason: str) -> None:
 def test_relative_hook_is_refused() -> None:
     problem = only_problem(MINIMAL + "    hooks:\n      on_budget: [rotate-keys]\n")
     assert_problem(problem, "workloads[0].hooks.on_budget[0]", 7, "'rotate-keys' is not an absolute path")
+
+
+def test_spike_defaults_and_sizes() -> None:
+    policy = parse_policy(MINIMAL + "    spike:\n      factor: 4\n      min_rate: 2MB\n")
+    assert policy.workloads[0].spike == Spike(factor=4.0, baseline_seconds=300, min_rate=2_000_000)
+    assert parse_policy(MINIMAL).workloads[0].spike is None
+
+
+@pytest.mark.parametrize(
+    ("body", "key", "line", "reason"),
+    [("spike:\n      factor: 1\n", "spike.factor", 7, "must be above 1"),
+     ("spike:\n      factor: fast\n", "spike.factor", 7, "expected a number above 1"),
+     ("spike:\n      min_rate: 1MB\n", "spike.factor", 7, "required key missing"),
+     ("spike:\n      factor: 3\n      baseline_seconds: 0\n", "spike.baseline_seconds", 8, "must be 1-86400"),
+     ("spike:\n      factor: 3\n      min_rate: 0\n", "spike.min_rate", 8, "must be more than 0 bytes"),
+     ("spike:\n      factor: 3\n      window: 5\n", "spike.window", 8, "unknown key")],
+)  # fmt: skip
+def test_bad_spike_is_refused(body: str, key: str, line: int, reason: str) -> None:
+    problem = only_problem(MINIMAL + "    " + body)
+    assert_problem(problem, f"workloads[0].{key}", line, reason)
 
 
 # --- all at once ----------------------------------------------------------------------

@@ -12,10 +12,12 @@ from pathlib import Path
 
 import click
 
+from agent.actions.hooks import DEFAULT_TIMEOUT_SECONDS
 from agent.cli.sdnotify import notify
 from agent.cli.values import Duration, Size
 from agent.events import Event, EventBus, EventKind, JsonLinesSink
 from agent.events.spool import Spool
+from agent.kernel.loader import DEFAULT_PIN_DIR
 from agent.policy import PolicyError
 
 DEFAULT_STATE_DIR = Path("/var/lib/egress-warden")
@@ -47,9 +49,18 @@ DEFAULT_SOCKET = Path("/run/egress-warden/agent.sock")
               help="Bound of the event spool; the oldest events go first.")
 @click.option("--spool-max-age", type=Duration(), default="7d", show_default=True,
               help="Events older than this leave the spool.")
+@click.option("--pin-dir", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_PIN_DIR,
+              show_default=True, help="bpffs directory for the maps that outlive a restart (byte counters, "
+              "socket owners). One per agent: two agents must never share it.")
+@click.option("--metrics-listen", default="127.0.0.1:9464", show_default=True, metavar="ADDRESS:PORT|off",
+              help="Serve Prometheus metrics at http://ADDRESS:PORT/metrics, or 'off'. Keep it on loopback: "
+              "the figures name workloads and destinations.")
+@click.option("--hook-timeout", type=click.FloatRange(min=0.1), default=DEFAULT_TIMEOUT_SECONDS, show_default=True,
+              help="Seconds a policy hook executable may run before it is killed (reported in hook_finished).")
 def agent_command(policy_path: Path, events_file: Path | None, state_dir: Path, agent_id: str, socket_path: Path,
                   socket_group: str, listen: str | None, tls_cert: Path | None, tls_key: Path | None,
-                  tls_client_ca: Path | None, spool_max_bytes: int, spool_max_age: float) -> None:
+                  tls_client_ca: Path | None, spool_max_bytes: int, spool_max_age: float, pin_dir: Path,
+                  metrics_listen: str, hook_timeout: float) -> None:
     """Run the agent in the foreground: enforce the policy, report every decision.
 
     \b
@@ -65,6 +76,12 @@ def agent_command(policy_path: Path, events_file: Path | None, state_dir: Path, 
     """
     from agent.api.server import ApiServers
     from agent.daemon import Agent
+    from agent.metrics import Metrics, parse_listen
+
+    try:
+        metrics_address = parse_listen(metrics_listen)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--metrics-listen") from None
 
     tls = _tls_files(listen, tls_cert, tls_key, tls_client_ca)
     _check_group(socket_group)
@@ -82,7 +99,9 @@ def agent_command(policy_path: Path, events_file: Path | None, state_dir: Path, 
             "first_seq": spool.crash_gap.first, "last_seq": spool.crash_gap.last,
             "where": "the previous agent stopped without a clean shutdown: events it published in its "
                      "last moments may be missing from the spool (the events file has them)"}))
-    agent = Agent(policy_path, state_dir, bus)
+    agent = Agent(policy_path, state_dir, bus, pin_dir=pin_dir, hook_timeout=hook_timeout)
+    metrics = Metrics(agent.traffic_by_workload, lambda: agent.kernel.lost_records() if agent.kernel else 0)
+    bus.subscribe(metrics.observe)
     signal.signal(signal.SIGTERM, lambda *_: agent.stop())
     signal.signal(signal.SIGINT, lambda *_: agent.stop())
     signal.signal(signal.SIGHUP, lambda *_: agent.request_reload())
@@ -101,6 +120,8 @@ def agent_command(policy_path: Path, events_file: Path | None, state_dir: Path, 
         spool.close()
         click.echo(f"warden agent: cannot serve the API: {e} (enforcement stays attached)", err=True)
         sys.exit(1)
+    if metrics_address:
+        serve_metrics(metrics, *metrics_address)
     notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS=enforcing {len(agent.workloads)} workload(s)")
     try:
         agent.run()
@@ -108,6 +129,7 @@ def agent_command(policy_path: Path, events_file: Path | None, state_dir: Path, 
         notify("STOPPING=1")
         api.stop()
         spool.close()
+        metrics.close()
 
 
 def _tls_files(listen: str | None, cert: Path | None, key: Path | None, client_ca: Path | None):
@@ -129,3 +151,13 @@ def _check_group(name: str) -> None:
         grp.getgrnam(name)
     except KeyError:
         raise click.BadParameter(f"no group named {name!r} on this host", param_hint="--socket-group") from None
+
+
+def serve_metrics(metrics, host: str, port: int) -> None:
+    """A metrics endpoint that cannot start is logged, not fatal: enforcement matters more."""
+    try:
+        bound = metrics.serve(host, port)
+    except OSError as e:
+        logging.error("metrics endpoint %s:%d not started (%s); enforcement goes on without it", host, port, e.strerror)
+        return
+    logging.info("Prometheus metrics at http://%s:%d/metrics", bound[0], bound[1])

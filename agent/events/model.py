@@ -25,6 +25,9 @@ class EventKind(str, enum.Enum):
     EVENTS_LOST = "events_lost"
     AGENT_STARTED = "agent_started"
     AGENT_STOPPED = "agent_stopped"
+    BUDGET_EXCEEDED = "budget_exceeded"
+    ANOMALY = "anomaly"
+    HOOK_FINISHED = "hook_finished"
 
 
 @dataclass

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 _BPF_SYSCALL = {"x86_64": 321, "aarch64": 280}[platform.machine()]
 _BPF_MAP_LOOKUP_ELEM = 1
+_BPF_MAP_GET_NEXT_KEY = 4
+_BPF_OBJ_GET = 7
 _BPF_PROG_ATTACH = 8
 _BPF_PROG_DETACH = 9
 _BPF_PROG_GET_FD_BY_ID = 13
@@ -137,5 +139,52 @@ def map_lookup(map_id: int, key: bytes, value_size: int) -> bytes | None:
         except FileNotFoundError:
             return None
         return value.raw
+@dataclass(frozen=True)
+class MapLayout:
+    type: int
+    key_size: int
+    value_size: int
+    max_entries: int
+
+
+def open_pinned(path: str) -> int:
+    name = ctypes.create_string_buffer(path.encode())
+    return _bpf(_BPF_OBJ_GET, _attr("QII", ctypes.addressof(name), 0, 0))
+
+
+def pinned_map_items(path: str, key_size: int, value_size: int) -> list[tuple[bytes, bytes]]:
+    """Every (key, value) of the map pinned at `path`, read without loading any program:
+    how tools and tests read the counters an agent keeps."""
+    fd = open_pinned(path)
+    items = []
+    try:
+        key, next_key = ctypes.create_string_buffer(key_size), ctypes.create_string_buffer(key_size)
+        value = ctypes.create_string_buffer(value_size)
+        first = True
+        while True:
+            try:
+                _bpf(_BPF_MAP_GET_NEXT_KEY, _attr("IIQQ", fd, 0, 0 if first else ctypes.addressof(key),
+                                                  ctypes.addressof(next_key)))
+            except FileNotFoundError:
+                return items  # ENOENT: past the last key
+            first = False
+            ctypes.memmove(key, next_key, key_size)
+            try:
+                _bpf(_BPF_MAP_LOOKUP_ELEM, _attr("IIQQ", fd, 0, ctypes.addressof(key), ctypes.addressof(value)))
+            except FileNotFoundError:
+                continue  # evicted meanwhile
+            items.append((key.raw, value.raw))
+    finally:
+        os.close(fd)
+
+
+def pinned_map_layout(path: str) -> MapLayout:
+    """Type, key and value sizes and capacity of the map pinned at `path` (FileNotFoundError if none)."""
+    fd = open_pinned(path)
+    try:
+        info = ctypes.create_string_buffer(_MAP_INFO_SIZE)
+        _bpf(_BPF_OBJ_GET_INFO_BY_FD, _attr("IIQ", fd, _MAP_INFO_SIZE, ctypes.addressof(info)))
+        map_type, _id, key_size, value_size, max_entries = struct.unpack_from("IIIII", info, 0)
+        return MapLayout(map_type, key_size, value_size, max_entries)
     finally:
         os.close(fd)

@@ -24,6 +24,19 @@ PORT_ANY = 0
 PROTOCOLS = {"any": 0, "tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP}
 MODES = {"enforce": 0, "monitor": 1}
 _KEY_FIXED_BITS = 64  # workload, protocol, pad and port precede the address in the LPM key
+# An "any" rule goes in as tcp, udp and any: the programs look up tcp and udp under their
+# own protocol and everything else under "any", two lookups per judgement instead of four.
+_TRIE_PROTOCOLS = {"any": ("any", "tcp", "udp"), "tcp": ("tcp",), "udp": ("udp",)}
+DEFAULT_PIN_DIR = Path("/sys/fs/bpf/egress-warden")
+_BPF_MAP_TYPE_ARRAY = 2
+_BPF_MAP_TYPE_LRU_HASH = 9
+# The layout bpf/warden.bpf.c gives its pinned maps. bcc reuses a pinned map whatever its
+# layout and the verifier then refuses the programs with a bare EACCES, so it is checked first.
+PINNED_MAPS = {
+    "traffic": bpfsys.MapLayout(_BPF_MAP_TYPE_LRU_HASH, 32, 16, 65536),
+    "sock_slots": bpfsys.MapLayout(_BPF_MAP_TYPE_ARRAY, 4, 48, 262144),
+    "sock_owners": bpfsys.MapLayout(_BPF_MAP_TYPE_LRU_HASH, 8, 4, 65536),
+}
 
 
 @dataclass(frozen=True)
@@ -73,11 +86,15 @@ def mapped_network(network: ipaddress.IPv4Network | ipaddress.IPv6Network) -> tu
 class KernelPrograms:
     """The loaded program set. One instance per agent; attach it to any number of cgroups."""
 
-    def __init__(self, source: Path = BPF_SOURCE) -> None:
+    def __init__(self, source: Path = BPF_SOURCE, pin_dir: Path = DEFAULT_PIN_DIR) -> None:
         from bcc import BPF
 
         started = time.monotonic()
-        self._bpf = BPF(src_file=str(source).encode(), cflags=["-Wno-macro-redefined"])
+        self.pin_dir = Path(pin_dir)
+        self.pin_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        check_pinned_maps(self.pin_dir)
+        self._bpf = BPF(src_file=str(source).encode(),
+                        cflags=["-Wno-macro-redefined", f'-DEW_PIN_DIR="{self.pin_dir}"'])
         self._hooks = _hooks()
         self._functions = {
             h.function: self._bpf.load_func(h.function.encode(), h.prog_type, attach_type=h.attach_type)
@@ -90,7 +107,9 @@ class KernelPrograms:
         # the DNS proxy's thread, so the allow map's bookkeeping takes a lock.
         self._dynamic: dict[int, dict[tuple[bytes, int], int]] = {}
         self._allow_lock = threading.Lock()
-        self._generation = 0
+        # Sockets cache verdicts by generation in a pinned map, so generations must never
+        # repeat across agent restarts: start from the clock, which only moves forward.
+        self._generation = time.monotonic_ns()
         self.load_seconds = time.monotonic() - started
 
     # --- attachment ---------------------------------------------------------------
@@ -171,8 +190,8 @@ class KernelPrograms:
         Entries from DNS answers stay (a policy reload does not forget what was resolved)."""
         wanted = {}
         for entry in entries:
-            key = self._allow_key(index, entry)
-            wanted[(bytes(key), key.prefixlen)] = (key, entry)
+            for key in self._allow_keys(index, entry):
+                wanted[(bytes(key), key.prefixlen)] = (key, entry)
         with self._allow_lock:
             for key, entry in wanted.values():
                 self._write_allow(key, entry.expires_ns, entry.rule)
@@ -195,13 +214,13 @@ class KernelPrograms:
             static = self._allowed.get(index, set())
             dynamic = self._dynamic.setdefault(index, {})
             for entry in entries:
-                key = self._allow_key(index, entry)
-                ident = (bytes(key), key.prefixlen)
-                if dynamic.get(ident, 0) >= entry.expires_ns - slack_ns:
-                    continue
-                dynamic[ident] = entry.expires_ns
-                if ident not in static:
-                    self._write_allow(key, entry.expires_ns, entry.rule)
+                for key in self._allow_keys(index, entry):
+                    ident = (bytes(key), key.prefixlen)
+                    if dynamic.get(ident, 0) >= entry.expires_ns - slack_ns:
+                        continue
+                    dynamic[ident] = entry.expires_ns
+                    if ident not in static:
+                        self._write_allow(key, entry.expires_ns, entry.rule)
 
     def remove_dns_entries(self, index: int, now_ns: int, keep: Callable[[str, int, int], bool]) -> int:
         """Delete expired DNS entries of the workload unless `keep(address, protocol, port)`
@@ -255,15 +274,26 @@ class KernelPrograms:
         elif key in table:
             del table[key]
 
-    def _allow_key(self, index: int, entry: AllowEntry):
+    def _allow_keys(self, index: int, entry: AllowEntry) -> list:
+        """The trie keys of one entry: an "any protocol" entry is written for tcp, udp and
+        any, so the kernel judges with two lookups instead of four."""
         addr, prefixlen = mapped_network(entry.network)
-        key = self._allow.Key()
-        key.prefixlen = _KEY_FIXED_BITS + prefixlen
-        key.workload = index
-        key.proto = PROTOCOLS[entry.protocol]
-        key.port = entry.port
-        ctypes.memmove(key.addr, addr, 16)
-        return key
+        keys = []
+        for protocol in _TRIE_PROTOCOLS[entry.protocol]:
+            key = self._allow.Key()
+            key.prefixlen = _KEY_FIXED_BITS + prefixlen
+            key.workload = index
+            key.proto = PROTOCOLS[protocol]
+            key.port = entry.port
+            ctypes.memmove(key.addr, addr, 16)
+            keys.append(key)
+        return keys
+
+    # --- traffic counters ----------------------------------------------------------------
+
+    def traffic_counters(self) -> list[TrafficCounter]:
+        """Every (workload, process, destination) counter the kernel holds, cumulative."""
+        return [_traffic_counter(k, v) for k, v in self._bpf[b"traffic"].items()]
 
     # --- events ----------------------------------------------------------------------
 
@@ -286,6 +316,78 @@ class KernelPrograms:
     def lost_records(self) -> int:
         """Records the ring buffer had no room for since the programs were loaded."""
         return sum(self._bpf[b"lost_events"].getvalue(ctypes.c_int(0)))
+
+
+@dataclass(frozen=True)
+class TrafficCounter:
+    """Bytes and packets sent by one process of a workload to one destination (or, with
+    `listen`, replies to clients on one listen port), since the counter was created."""
+
+    workload: int
+    tgid: int  # 0: a socket whose process no hook saw (opened before enforcement began)
+    address: str | None  # None for the listen bucket
+    port: int
+    protocol: int
+    listen: bool
+    bytes: int
+    packets: int
+
+
+class _TrafficKey(ctypes.Structure):  # struct traffic_key
+    _fields_ = [("workload", ctypes.c_uint32), ("tgid", ctypes.c_uint32), ("addr", ctypes.c_uint8 * 16),
+                ("port", ctypes.c_uint16), ("proto", ctypes.c_uint8), ("listen", ctypes.c_uint8),
+                ("pad", ctypes.c_uint32)]
+
+
+class _TrafficValue(ctypes.Structure):  # struct traffic_value
+    _fields_ = [("bytes", ctypes.c_uint64), ("packets", ctypes.c_uint64)]
+
+
+def _traffic_counter(k, v) -> TrafficCounter:
+    return TrafficCounter(workload=k.workload, tgid=k.tgid, address=_address_text(bytes(k.addr)), port=k.port,
+                          protocol=k.proto, listen=bool(k.listen), bytes=v.bytes, packets=v.packets)
+
+
+def read_pinned_traffic(pin_dir: Path) -> list[TrafficCounter]:
+    """The byte counters an agent pinned in `pin_dir`, read without the agent."""
+    items = bpfsys.pinned_map_items(str(pin_dir / "traffic"), ctypes.sizeof(_TrafficKey), ctypes.sizeof(_TrafficValue))
+    return [_traffic_counter(_TrafficKey.from_buffer_copy(k), _TrafficValue.from_buffer_copy(v)) for k, v in items]
+
+
+def _address_text(packed: bytes) -> str | None:
+    if packed == bytes(16):
+        return None
+    address = ipaddress.IPv6Address(packed)
+    return str(address.ipv4_mapped or address)
+
+
+class PinnedMapError(RuntimeError):
+    """A map pinned where the agent keeps its own has another layout: refused, never replaced
+    silently, because replacing it loses the byte counters."""
+
+
+def check_pinned_maps(pin_dir: Path) -> None:
+    for name, expected in PINNED_MAPS.items():
+        path = pin_dir / name
+        try:
+            found = bpfsys.pinned_map_layout(str(path))
+        except FileNotFoundError:
+            continue
+        if found != expected:
+            raise PinnedMapError(
+                f"{path} is pinned with another layout ({found}) than this version of Egress Warden "
+                f"uses ({expected}): an older or newer agent made it. Remove it (rm {path}; this resets "
+                f"the byte counters) or start the agent with another --pin-dir")
+
+
+def remove_pins(pin_dir: Path) -> None:
+    """Forget the pinned maps (byte counters and socket owners) and the directory if empty."""
+    for name in PINNED_MAPS:
+        (pin_dir / name).unlink(missing_ok=True)
+    try:
+        pin_dir.rmdir()
+    except OSError:
+        pass
 
 
 def attached_warden_programs(cgroup: Path) -> list[tuple[int, bpfsys.AttachedProgram]]:

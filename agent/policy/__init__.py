@@ -5,7 +5,7 @@ load_policy() reads and validates a file and refuses it with every problem
 """
 from .errors import PolicyError, PolicyProblem
 from .load import load_policy, parse_policy
-from .model import AllowRule, Budget, DnsConfig, Hooks, Match, Mode, Policy, Workload
+from .model import AllowRule, Budget, DnsConfig, Hooks, Match, Mode, Policy, Spike, Workload
 
 __all__ = [
     "AllowRule",
@@ -17,6 +17,7 @@ __all__ = [
     "Policy",
     "PolicyError",
     "PolicyProblem",
+    "Spike",
     "Workload",
     "load_policy",
     "parse_policy",

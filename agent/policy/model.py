@@ -40,6 +40,16 @@ class Budget:
 
 
 @dataclass(frozen=True)
+class Spike:
+    """An anomaly is a rate toward one destination above `factor` times the workload's own
+    baseline toward it (an average over about `baseline_seconds`), and above `min_rate`."""
+
+    factor: float
+    baseline_seconds: int = 300
+    min_rate: int = 1_000_000  # bytes per second
+
+
+@dataclass(frozen=True)
 class Match:
     systemd_unit: str | None
     exe: tuple[str, ...]
@@ -80,6 +90,7 @@ class Workload:
     dns: DnsConfig
     budgets: tuple[Budget, ...]
     hooks: Hooks
+    spike: Spike | None = None
 
 
 @dataclass(frozen=True)

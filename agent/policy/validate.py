@@ -14,19 +14,20 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from . import values
 from .errors import PolicyError, PolicyProblem
-from .model import AllowRule, Budget, DnsConfig, Hooks, Match, Policy, Workload
+from .model import AllowRule, Budget, DnsConfig, Hooks, Match, Policy, Spike, Workload
 from .yamlnodes import FLOAT, INT, STR, YamlSyntaxError, compose, describe, int_value, is_int, is_str, line
 
 T = TypeVar("T")
 Check = Callable[[Node, str], T]
 
 TOP_KEYS = ("version", "workloads")
-WORKLOAD_KEYS = ("name", "mode", "on_violation", "match", "listen", "allow", "dns", "budgets", "hooks")
+WORKLOAD_KEYS = ("name", "mode", "on_violation", "match", "listen", "allow", "dns", "budgets", "hooks", "spike")
 MATCH_KEYS = ("systemd_unit", "exe", "cmdline")
 RULE_KEYS = ("cidr", "fqdn", "ports", "protocol")
 BUDGET_KEYS = ("fqdn", "cidr", "bytes_per_minute", "action")
 DNS_KEYS = ("upstream", "grace_seconds")
 HOOK_KEYS = ("on_violation", "on_budget")
+SPIKE_KEYS = ("factor", "baseline_seconds", "min_rate")
 MODES = ("enforce", "monitor")
 VIOLATION_ACTIONS = ("deny", "kill", "quarantine")
 BUDGET_ACTIONS = ("alert", "kill", "quarantine")
@@ -108,6 +109,7 @@ class _Checker:
             dns=self.optional(fields, key, "dns", self.dns, DnsConfig()),
             budgets=self.optional(fields, key, "budgets", self.budgets, ()),
             hooks=self.optional(fields, key, "hooks", self.hooks, Hooks()),
+            spike=self.optional(fields, key, "spike", self.spike, None),
         )
 
     def name(self, node: Node, key: str, first_lines: dict[str, int]) -> str:
@@ -185,6 +187,27 @@ class _Checker:
             on_violation=self.optional(fields, key, "on_violation", commands, ()),
             on_budget=self.optional(fields, key, "on_budget", commands, ()),
         )
+
+    def spike(self, node: Node, key: str) -> Spike:
+        fields = self.mapping(node, key, SPIKE_KEYS)
+        default = Spike(factor=0)
+        return Spike(
+            factor=self.required(fields, node, key, "factor", self.factor, 0.0),
+            baseline_seconds=self.optional(fields, key, "baseline_seconds", self.seconds, default.baseline_seconds),
+            min_rate=self.optional(fields, key, "min_rate", self.byte_count, default.min_rate),
+        )
+
+    def factor(self, node: Node, key: str) -> float:
+        if isinstance(node, ScalarNode) and node.tag in (INT, FLOAT):
+            return self.parsed(node, key, values.factor, node.value, 0.0)
+        self.problem(node, key, f"expected a number above 1 (like 5 or 2.5), got {describe(node)}")
+        return 0.0
+
+    def seconds(self, node: Node, key: str) -> int:
+        if not is_int(node):
+            self.problem(node, key, f"expected a whole number of seconds, got {describe(node)}")
+            return 0
+        return self.parsed(node, key, values.seconds, int_value(node), 0)
 
     # --- generic checks ---------------------------------------------------------
 

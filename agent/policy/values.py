@@ -77,6 +77,19 @@ def positive_bytes(count: int) -> int:
     return count
 
 
+def factor(text: str) -> float:
+    number = float(text)
+    if not 1 < number <= 1000:
+        raise ValueError(f"must be above 1 and at most 1000 (a multiple of the baseline rate), got {text}")
+    return number
+
+
+def seconds(number: int) -> int:
+    if not 1 <= number <= 86400:
+        raise ValueError(f"must be 1-86400 seconds, got {number}")
+    return number
+
+
 def port(number: int) -> int:
     if not 1 <= number <= 65535:
         raise ValueError(f"port {number} is out of range 1-65535")

@@ -1,0 +1,97 @@
+"""Operators' hook executables (policy `hooks.on_violation`, `hooks.on_budget`): each gets
+the event as one JSON object on stdin. They run on worker threads with a timeout, so a
+slow or hanging hook never holds up enforcement; how each run ended is handed back to the
+agent, which reports it as a hook_finished event. Their output is not kept: a hook that
+rotates keys may well print them."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable
+
+DEFAULT_TIMEOUT_SECONDS = 10.0
+WORKERS = 4
+
+
+@dataclass(frozen=True)
+class HookOutcome:
+    command: str
+    workload: str
+    hook: str  # on_violation | on_budget
+    cause_seq: int
+    exit_status: int | None  # None when it timed out or could not start
+    timed_out: bool
+    seconds: float
+    error: str | None = None
+    skipped_while_running: int = 0  # events that found this hook still busy with an earlier one
+
+    @property
+    def outcome(self) -> str:
+        if self.timed_out:
+            return "timeout"
+        if self.error:
+            return "error"
+        return "ok" if self.exit_status == 0 else "failed"
+
+
+class HookRunner:
+    """At most one run of a given hook per workload at a time: an event that arrives while
+    it runs is counted in the next outcome, not queued, so a burst of violations cannot
+    start a burst of processes."""
+
+    def __init__(self, on_finished: Callable[[HookOutcome], None],
+                 timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS) -> None:
+        self._on_finished = on_finished
+        self.timeout_seconds = timeout_seconds
+        self._pool = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="hook")
+        self._lock = threading.Lock()
+        self._running: set[tuple[str, str]] = set()
+        self._skipped: dict[tuple[str, str], int] = {}
+
+    def run(self, commands: tuple[str, ...], *, workload: str, hook: str, event_json: str, cause_seq: int) -> None:
+        for command in commands:
+            key = (workload, command)
+            with self._lock:
+                if key in self._running:
+                    self._skipped[key] = self._skipped.get(key, 0) + 1
+                    continue
+                self._running.add(key)
+            self._pool.submit(self._run_one, command, workload, hook, event_json, cause_seq)
+
+    def _run_one(self, command: str, workload: str, hook: str, event_json: str, cause_seq: int) -> None:
+        started = time.monotonic()
+        status, timed_out, error = None, False, None
+        try:
+            # Its own session, so a timeout kills what it started too, not only itself.
+            process = subprocess.Popen([command], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                       stderr=subprocess.DEVNULL, text=True, cwd="/", start_new_session=True)
+        except OSError as e:
+            error = f"could not run {command}: {e.strerror}"
+        else:
+            try:
+                process.communicate(event_json, timeout=self.timeout_seconds)
+                status = process.returncode
+            except subprocess.TimeoutExpired:
+                timed_out = True
+                _kill_session(process)
+        with self._lock:
+            self._running.discard((workload, command))
+            skipped = self._skipped.pop((workload, command), 0)
+        self._on_finished(HookOutcome(command, workload, hook, cause_seq, status, timed_out,
+                                      round(time.monotonic() - started, 3), error, skipped))
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _kill_session(process: subprocess.Popen) -> None:
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.wait()

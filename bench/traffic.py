@@ -1,0 +1,145 @@
+"""Counting and backstop overhead: bulk TCP and connect rate, with the agent against without.
+
+    python bench/traffic.py [--rounds N] [--connects N] [--seconds S] [-o table|json]
+
+Both are measured in one run, in interleaved rounds (without/with, then with/without, ...),
+so a drift of this shared machine favours neither side:
+1. bulk TCP: iperf3 from ROUTER to an iperf3 server in NET over the Lab's veth pair, sender
+   throughput, by wall time and per second of the sender's CPU; under `warden run` every
+   packet passes the counting backstop;
+2. connect rate: the connect client of bench/foundation.py (connect + reset close), by wall
+   time and by the client's own CPU time (user + system, which includes the BPF programs
+   run in its context). CPU time is less disturbed by other work on a busy machine.
+Each ratio is reported two ways: median(with) / median(without), and the median of the
+ratios of the rounds (each round's pair runs back to back). Target >= 0.97.
+A measurement, not a test: it exits 0 whether targets are met or not.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO / "tests"), str(REPO / "bench"), str(REPO)]
+
+from agent import cgroups  # noqa: E402
+from agentproc import AgentProcess, unique_name  # noqa: E402
+from foundation import CONNECT_CLIENT, PROVIDER_PORT, client_run, own_cgroup, progress, start_accept_server  # noqa: E402
+from netlab import Lab  # noqa: E402
+
+IPERF_PORT = 5201
+TARGET_RATIO = 0.97
+Pair = dict[str, list[float]]
+
+
+def bench_policy(workload: str) -> str:
+    return f"""
+    version: 1
+    workloads:
+      - name: {workload}
+        on_violation: deny
+        allow:
+          - cidr: {Lab.PROVIDER4}/32
+            ports: [{PROVIDER_PORT}, {IPERF_PORT}]
+            protocol: tcp
+    """
+
+
+def iperf_measures(lab: Lab, argv: list[str]) -> dict[str, float]:
+    """Sender throughput, by wall time and per second of the sender's CPU (iperf3's own
+    getrusage figure: user + system)."""
+    client = lab.run_in_router(argv, stdout=subprocess.PIPE, text=True)
+    out, _ = client.communicate(timeout=120)
+    if client.returncode != 0:
+        raise RuntimeError(f"iperf3 failed (exit {client.returncode}): {out[-2000:]}")
+    end = json.loads(out)["end"]
+    gbit = end["sum_sent"]["bits_per_second"] / 1e9
+    cpu_share = end["cpu_utilization_percent"]["host_total"] / 100
+    return {"bulk_gbit_per_second": gbit, "bulk_gbit_per_cpu_second": gbit / max(cpu_share, 1e-9)}
+
+
+def interleaved(runs: dict[str, Callable[[], dict[str, float]]], rounds: int, label: str) -> dict[str, Pair]:
+    """measure name -> {"without": [...], "with": [...]}; each run returns several measures."""
+    results: dict[str, Pair] = {}
+    for round_number in range(rounds):
+        order = ("without", "with") if round_number % 2 == 0 else ("with", "without")
+        for side in order:
+            for measure, value in runs[side]().items():
+                results.setdefault(measure, {"without": [], "with": []})[side].append(value)
+        progress(f"  {label} round {round_number + 1}: " + "; ".join(
+            f"{m} {v['without'][-1]:.4g} -> {v['with'][-1]:.4g}" for m, v in results.items()))
+    return results
+
+
+def ratios(pair: Pair) -> dict[str, float]:
+    return {"ratio_of_medians": statistics.median(pair["with"]) / statistics.median(pair["without"]),
+            "median_of_round_ratios": statistics.median(w / o for w, o in zip(pair["with"], pair["without"]))}
+
+
+def connect_measures(run: dict[str, Any], connects: int) -> dict[str, float]:
+    return {"connects_per_second": connects / run["seconds"],
+            "connects_per_cpu_second": connects / max(run["cpu_seconds"], 1e-9)}
+
+
+def run(lab: Lab, agent: AgentProcess, workload: str, rounds: int, connects: int, seconds: float) -> dict[str, Any]:
+    agent.start()
+    inside = f"/{cgroups.PARENT}/{workload}"
+    lab.run_in_net(["iperf3", "-s", "-B", Lab.PROVIDER4, "-p", str(IPERF_PORT)], stdout=subprocess.DEVNULL)
+    start_accept_server(lab)
+    iperf = ["iperf3", "-c", Lab.PROVIDER4, "-p", str(IPERF_PORT), "-t", str(seconds), "-J"]
+    results = interleaved({"without": lambda: iperf_measures(lab, iperf),
+                           "with": lambda: iperf_measures(lab, agent.run_cmd(workload, iperf))},
+                          rounds, "bulk TCP")
+    client = [sys.executable, "-c", CONNECT_CLIENT, Lab.PROVIDER4, str(PROVIDER_PORT), str(connects)]
+    results |= interleaved({"without": lambda: connect_measures(client_run(lab, client, own_cgroup()), connects),
+                            "with": lambda: connect_measures(client_run(lab, agent.run_cmd(workload, client), inside), connects)},
+                           rounds, "connect")
+    return {measure: {"samples": pair, **ratios(pair)} for measure, pair in results.items()}
+
+
+UNITS = {"bulk_gbit_per_second": "Gbit/s", "bulk_gbit_per_cpu_second": "Gbit/CPU s", "connects_per_second": "/s", "connects_per_cpu_second": "/CPU s"}
+
+
+def table(result: dict[str, Any]) -> str:
+    rows = []
+    for measure, found in result.items():
+        pair = found["samples"]
+        rows += [(f"{measure} without agent (median)", f"{statistics.median(pair['without']):.4g} {UNITS[measure]}"),
+                 (f"{measure} with agent (median)", f"{statistics.median(pair['with']):.4g} {UNITS[measure]}"),
+                 (f"{measure} ratio: of medians / median of rounds",
+                  f"{found['ratio_of_medians']:.3f} / {found['median_of_round_ratios']:.3f}  (target >= {TARGET_RATIO})")]
+    width = max(len(r[0]) for r in rows)
+    return "\n".join(f"{name.ljust(width)}  {value}" for name, value in rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=11, help="interleaved rounds of each measurement (default 11)")
+    parser.add_argument("--connects", type=int, default=2000, help="connects per client run (default 2000)")
+    parser.add_argument("--seconds", type=float, default=2.0, help="seconds per iperf3 run (default 2)")
+    parser.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    arguments = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    workload = unique_name("bench-t")
+    with Lab() as lab, tempfile.TemporaryDirectory(prefix="ew-bench-") as tmp:
+        agent = AgentProcess(Path(tmp), bench_policy(workload), [workload])
+        try:
+            result = run(lab, agent, workload, arguments.rounds, arguments.connects, arguments.seconds)
+        finally:
+            agent.cleanup()
+    if arguments.output == "json":
+        print(json.dumps(result, indent=2))
+        print(table(result), file=sys.stderr)
+    else:
+        print(table(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,365 @@
+"""Byte counting, budgets, spikes, hooks and the Prometheus endpoint, on the real kernel.
+
+Counted bytes are IP packets as the cgroup egress hook sees them: headers included, and a
+GSO packet counted once with its one set of headers. For N payload bytes sent by one
+process to one destination the bound asserted is
+
+    N <= counted bytes <= N + packets * (IP header + largest transport header)
+
+with the IP header 20 bytes (IPv4) or 40 (IPv6) and the transport header at most 60 bytes
+(TCP with the largest options) or 8 (UDP). The veth pair loses nothing, so there are no
+retransmissions to count twice.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import stat
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from agent.kernel.loader import TrafficCounter, read_pinned_traffic
+from agentproc import AgentProcess, unique_name
+from netlab import Lab
+
+pytestmark = pytest.mark.root
+
+TCP_PORT, UDP_PORT = 443, 5353
+TCP_HEADER_MAX, UDP_HEADER = 60, 8
+IPV4_HEADER, IPV6_HEADER = 20, 40
+
+# Sends exactly N payload bytes and prints its pid. TCP waits for the server's close, so every
+# byte has left; UDP sends datagrams of at most 1000 bytes (no fragments). With --wait it
+# reads one line from stdin first, and after sending waits for another before exiting.
+SENDER = """
+import json, os, socket, sys
+proto, host, port, n = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+hold = "--hold" in sys.argv
+family = socket.AF_INET6 if ":" in host else socket.AF_INET
+if proto == "tcp":
+    s = socket.socket(family, socket.SOCK_STREAM)
+    s.connect((host, port))
+    s.sendall(b"x" * n)
+    s.shutdown(socket.SHUT_WR)
+    s.settimeout(10)
+    while s.recv(65536):
+        pass
+else:
+    s = socket.socket(family, socket.SOCK_DGRAM)
+    s.connect((host, port))
+    for offset in range(0, n, 1000):
+        s.send(b"x" * min(1000, n - offset))
+s.close()
+print(json.dumps({"pid": os.getpid()}), flush=True)
+if hold:
+    sys.stdin.readline()
+"""
+
+
+def traffic_policy(name: str, extra: str = "") -> str:
+    return f"""
+    version: 1
+    workloads:
+      - name: {name}
+        on_violation: deny
+        allow:
+          - cidr: {Lab.PROVIDER4}/32
+            ports: [{TCP_PORT}]
+            protocol: tcp
+          - cidr: {Lab.PROVIDER4}/32
+            ports: [{UDP_PORT}]
+            protocol: udp
+          - cidr: {Lab.PROVIDER6}/128
+            ports: [{TCP_PORT}]
+{extra}
+    """
+
+
+def send(lab: Lab, agent: AgentProcess, workload: str, proto: str, host: str, port: int, n: int) -> int:
+    """Runs the sender in the workload; returns its pid."""
+    sender = lab.run_in_router(agent.run_cmd(workload, [sys.executable, "-c", SENDER, proto, host, str(port), str(n)]),
+                               stdout=subprocess.PIPE, text=True)
+    out, _ = sender.communicate(timeout=30)
+    assert sender.returncode == 0, out
+    return json.loads(out.splitlines()[-1])["pid"]
+
+
+def counted(agent: AgentProcess, pid: int, host: str, port: int, proto: int) -> TrafficCounter | None:
+    found = [c for c in read_pinned_traffic(agent.pin_dir)
+             if c.tgid == pid and c.address == host and c.port == port and c.protocol == proto]
+    assert len(found) <= 1, found
+    return found[0] if found else None
+
+
+def settled_count(agent: AgentProcess, pid: int, host: str, port: int, proto: int, at_least: int) -> TrafficCounter:
+    """The counter once it holds `at_least` bytes and stopped growing (the last ACKs)."""
+    deadline = time.monotonic() + 10
+    last = None
+    while time.monotonic() < deadline:
+        now = counted(agent, pid, host, port, proto)
+        if now is not None and now.bytes >= at_least and now == last:
+            return now
+        last = now
+        time.sleep(0.2)
+    raise AssertionError(f"counter of pid {pid} to {host}:{port} never settled at >= {at_least} bytes: {last}")
+
+
+def assert_within_headers(counter: TrafficCounter, payload: int, header_per_packet: int) -> None:
+    assert payload <= counter.bytes <= payload + counter.packets * header_per_packet, (
+        f"{counter.bytes} bytes in {counter.packets} packets for {payload} payload bytes "
+        f"(bound: + {header_per_packet} per packet)")
+
+
+@pytest.mark.parametrize("size", [1, 1000, 100_000, 3_000_000])
+def test_tcp_bytes_are_counted_within_headers(lab, start_agent, size):
+    name = unique_name("tb")
+    agent = start_agent(traffic_policy(name), [name])
+    server = lab.serve(Lab.PROVIDER4, TCP_PORT)
+    pid = send(lab, agent, name, "tcp", Lab.PROVIDER4, TCP_PORT, size)
+    assert server.wait_for_bytes(size)
+    counter = settled_count(agent, pid, Lab.PROVIDER4, TCP_PORT, socket.IPPROTO_TCP, size)
+    assert_within_headers(counter, size, IPV4_HEADER + TCP_HEADER_MAX)
+
+
+def test_tcp_over_ipv6_is_counted_within_headers(lab, start_agent):
+    name = unique_name("tb")
+    agent = start_agent(traffic_policy(name), [name])
+    server = lab.serve(Lab.PROVIDER6, TCP_PORT)
+    pid = send(lab, agent, name, "tcp", Lab.PROVIDER6, TCP_PORT, 50_000)
+    assert server.wait_for_bytes(50_000)
+    counter = settled_count(agent, pid, Lab.PROVIDER6, TCP_PORT, socket.IPPROTO_TCP, 50_000)
+    assert_within_headers(counter, 50_000, IPV6_HEADER + TCP_HEADER_MAX)
+
+
+@pytest.mark.parametrize("size", [1, 999, 25_000])
+def test_udp_bytes_are_counted_within_headers(lab, start_agent, size):
+    name = unique_name("tb")
+    agent = start_agent(traffic_policy(name), [name])
+    lab.serve(Lab.PROVIDER4, UDP_PORT, proto="udp")
+    pid = send(lab, agent, name, "udp", Lab.PROVIDER4, UDP_PORT, size)
+    counter = settled_count(agent, pid, Lab.PROVIDER4, UDP_PORT, socket.IPPROTO_UDP, size)
+    assert counter.packets == -(-size // 1000)
+    assert counter.bytes == size + counter.packets * (IPV4_HEADER + UDP_HEADER)
+
+
+def test_two_processes_of_one_workload_are_counted_apart(lab, start_agent):
+    name = unique_name("tb")
+    agent = start_agent(traffic_policy(name), [name])
+    lab.serve(Lab.PROVIDER4, TCP_PORT)
+    first = send(lab, agent, name, "tcp", Lab.PROVIDER4, TCP_PORT, 20_000)
+    second = send(lab, agent, name, "tcp", Lab.PROVIDER4, TCP_PORT, 70_000)
+    assert first != second
+    for pid, size in ((first, 20_000), (second, 70_000)):
+        counter = settled_count(agent, pid, Lab.PROVIDER4, TCP_PORT, socket.IPPROTO_TCP, size)
+        assert_within_headers(counter, size, IPV4_HEADER + TCP_HEADER_MAX)
+
+
+# Serves one client on the listen port: sends it N bytes, then waits for its close.
+LISTENER = """
+import socket, sys
+server = socket.create_server((sys.argv[1], int(sys.argv[2])))
+print("ready", flush=True)
+client, _ = server.accept()
+client.sendall(b"y" * int(sys.argv[3]))
+client.shutdown(socket.SHUT_WR)
+while client.recv(65536):
+    pass
+"""
+
+READER = """
+import socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])))
+received = 0
+while chunk := s.recv(65536):
+    received += len(chunk)
+s.close()
+print(received)
+"""
+
+
+def test_replies_to_clients_are_counted_under_the_listen_port(lab, start_agent):
+    name, listen_port, size = unique_name("tb"), 4000, 200_000
+    agent = start_agent(traffic_policy(name).replace("on_violation: deny", f"listen: [{listen_port}]"), [name])
+    server = lab.run_in_router(agent.run_cmd(name, [sys.executable, "-c", LISTENER, Lab.ROUTER4, str(listen_port),
+                                                    str(size)]), stdout=subprocess.PIPE, text=True)
+    assert server.stdout.readline().strip() == "ready"
+    reader = lab.run_in_net([sys.executable, "-c", READER, Lab.ROUTER4, str(listen_port)],
+                            stdout=subprocess.PIPE, text=True)
+    assert int(reader.communicate(timeout=30)[0]) == size
+    server.wait(timeout=10)
+    bucket = [c for c in read_pinned_traffic(agent.pin_dir) if c.listen]
+    assert [(c.tgid, c.address, c.port, c.protocol) for c in bucket] == [(0, None, listen_port, socket.IPPROTO_TCP)]
+    assert_within_headers(bucket[0], size, IPV4_HEADER + TCP_HEADER_MAX)
+
+
+def test_counters_survive_an_agent_restart(lab, start_agent):
+    name = unique_name("tb")
+    agent = start_agent(traffic_policy(name), [name])
+    lab.serve(Lab.PROVIDER4, TCP_PORT)
+    pid = send(lab, agent, name, "tcp", Lab.PROVIDER4, TCP_PORT, 40_000)
+    before = settled_count(agent, pid, Lab.PROVIDER4, TCP_PORT, socket.IPPROTO_TCP, 40_000)
+    agent.kill9()
+    agent.start()
+    assert counted(agent, pid, Lab.PROVIDER4, TCP_PORT, socket.IPPROTO_TCP) == before
+    again = send(lab, agent, name, "tcp", Lab.PROVIDER4, TCP_PORT, 10_000)
+    assert settled_count(agent, again, Lab.PROVIDER4, TCP_PORT, socket.IPPROTO_TCP, 10_000).bytes >= 10_000
+
+
+def test_agent_refuses_pinned_maps_of_another_layout(tmp_path):
+    pin_dir = Path("/sys/fs/bpf") / f"ew-test-{unique_name('layout')}"
+    pin_dir.mkdir()
+    try:
+        from bcc import BPF
+
+        # A map where the counters belong, as another version could have left it.
+        BPF(text=f'BPF_TABLE_PINNED("hash", u32, u64, traffic, 16, "{pin_dir}/traffic"); '
+                 'int f(void *ctx) { return 0; }'.encode())
+        name = unique_name("tb")
+        agent = AgentProcess(tmp_path, traffic_policy(name), [name])
+        agent.pin_dir = pin_dir
+        with pytest.raises(AssertionError, match="another layout"):
+            agent.start()
+        agent.cleanup()
+    finally:
+        (pin_dir / "traffic").unlink(missing_ok=True)
+        pin_dir.rmdir() if pin_dir.exists() else None
+
+
+def test_budget_crossing_reports_and_kills(lab, start_agent):
+    name = unique_name("tb")
+    budget = f"""        budgets:
+          - cidr: {Lab.PROVIDER4}/32
+            bytes_per_minute: 100KB
+            action: kill"""
+    agent = start_agent(traffic_policy(name, budget), [name])
+    lab.serve(Lab.PROVIDER4, TCP_PORT)
+    holder = lab.run_in_router(agent.run_cmd(name, [sys.executable, "-c", SENDER, "tcp", Lab.PROVIDER4,
+                                                    str(TCP_PORT), "150000", "--hold"]),
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    exceeded = agent.wait_for(lambda e: e["kind"] == "budget_exceeded", timeout=10)
+    assert exceeded["workload"] == name and exceeded["bytes"] > 100_000
+    assert exceeded["detail"]["budget"]["cidr"] == f"{Lab.PROVIDER4}/32"
+    assert exceeded["detail"]["processes"][0]["pid"] == holder.pid  # nsenter and `warden run` exec: one pid
+    kill = agent.wait_for(lambda e: e["kind"] == "action_kill" and e["workload"] == name, timeout=10)
+    assert kill["detail"]["cause_seq"] == exceeded["seq"]
+    assert holder.wait(timeout=10) == -9
+
+
+def test_monitor_mode_budget_only_reports(lab, start_agent):
+    name = unique_name("tb")
+    budget = f"""        budgets:
+          - cidr: {Lab.PROVIDER4}/32
+            bytes_per_minute: 10KB
+            action: kill"""
+    agent = start_agent(traffic_policy(name, budget).replace("on_violation: deny", "mode: monitor"), [name])
+    lab.serve(Lab.PROVIDER4, TCP_PORT)
+    send(lab, agent, name, "tcp", Lab.PROVIDER4, TCP_PORT, 30_000)
+    exceeded = agent.wait_for(lambda e: e["kind"] == "budget_exceeded", timeout=10)
+    assert exceeded["detail"]["action_not_taken"] == "monitor mode"
+    time.sleep(1.5)
+    assert not [e for e in agent.events() if e["kind"] == "action_kill"]
+
+
+def test_spike_above_the_baseline_is_an_anomaly(lab, start_agent):
+    name = unique_name("tb")
+    spike = """        spike:
+          factor: 5
+          baseline_seconds: 2
+          min_rate: 100KB"""
+    agent = start_agent(traffic_policy(name, spike), [name])
+    lab.serve(Lab.PROVIDER4, TCP_PORT)
+    send(lab, agent, name, "tcp", Lab.PROVIDER4, TCP_PORT, 1000)  # the destination's first, quiet, traffic
+    time.sleep(3)  # baseline_seconds of watching at that quiet rate
+    assert not [e for e in agent.events() if e["kind"] == "anomaly"]
+    send(lab, agent, name, "tcp", Lab.PROVIDER4, TCP_PORT, 5_000_000)
+    anomaly = agent.wait_for(lambda e: e["kind"] == "anomaly", timeout=10)
+    assert anomaly["destination"]["ip"] == Lab.PROVIDER4
+    assert anomaly["detail"]["rate_bytes_per_second"] > 5 * anomaly["detail"]["baseline_bytes_per_second"]
+
+
+def write_hook(path: Path, body: str) -> str:
+    path.write_text("#!/bin/sh\n" + body)
+    path.chmod(stat.S_IRWXU)
+    return str(path)
+
+
+def hook_policy(name: str, hook: str) -> str:
+    return traffic_policy(name, f"        hooks:\n          on_violation: [{hook}]")
+
+
+def violate(lab: Lab, agent: AgentProcess, name: str) -> None:
+    lab.run_in_router(agent.router_cmd(name, "tcp", Lab.ATTACKER4, "443")).communicate(timeout=15)
+
+
+def test_violation_hook_gets_the_event_and_its_exit_status_is_recorded(lab, start_agent, tmp_path):
+    name = unique_name("tb")
+    received = tmp_path / "hook-stdin.json"
+    hook = write_hook(tmp_path / "rotate-keys", f"cat > {received}\nexit 3\n")
+    agent = start_agent(hook_policy(name, hook), [name])
+    violate(lab, agent, name)
+    denied = agent.wait_for(lambda e: e["kind"] == "egress_denied")
+    finished = agent.wait_for(lambda e: e["kind"] == "hook_finished", timeout=10)
+    assert finished["detail"] | {"seconds": 0} == {
+        "hook": "on_violation", "command": hook, "outcome": "failed", "exit_status": 3, "timed_out": False,
+        "seconds": 0, "cause_seq": denied["seq"], "error": None, "skipped_while_running": 0}
+    given = json.loads(received.read_text())
+    assert (given["kind"], given["seq"], given["destination"]["ip"]) == ("egress_denied", denied["seq"], Lab.ATTACKER4)
+
+
+def test_hanging_hook_is_timed_out_without_stalling_enforcement(lab, start_agent, tmp_path):
+    name = unique_name("tb")
+    hook = write_hook(tmp_path / "hang", "sleep 60\n")
+    agent = start_agent(hook_policy(name, hook), [name], agent_args=["--hook-timeout", "5"])
+    violate(lab, agent, name)
+    first = agent.wait_for(lambda e: e["kind"] == "egress_denied")
+    # While the hook hangs, the next violation is refused and reported as promptly as the first.
+    violate(lab, agent, name)
+    second = agent.wait_for(lambda e: e["kind"] == "egress_denied", after=first["seq"])
+    assert not [e for e in agent.events() if e["kind"] == "hook_finished"], "the hook finished before the test looked"
+    finished = agent.wait_for(lambda e: e["kind"] == "hook_finished", timeout=15)
+    assert (finished["detail"]["outcome"], finished["detail"]["timed_out"]) == ("timeout", True)
+    assert finished["detail"]["exit_status"] is None and finished["detail"]["seconds"] >= 5
+    assert finished["detail"]["skipped_while_running"] == 1
+    assert second["seq"] < finished["seq"]
+
+
+def free_loopback_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def scrape(port: int) -> dict[str, float]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            series, value = line.rsplit(" ", 1)
+            samples[series] = float(value)
+    return samples
+
+
+def test_metrics_endpoint_is_scraped(lab, start_agent):
+    name = unique_name("tb")
+    port = free_loopback_port()
+    agent = start_agent(traffic_policy(name), [name], agent_args=["--metrics-listen", f"127.0.0.1:{port}"])
+    lab.serve(Lab.PROVIDER4, TCP_PORT)
+    pid = send(lab, agent, name, "tcp", Lab.PROVIDER4, TCP_PORT, 30_000)
+    counter = settled_count(agent, pid, Lab.PROVIDER4, TCP_PORT, socket.IPPROTO_TCP, 30_000)
+    violate(lab, agent, name)
+    agent.wait_for(lambda e: e["kind"] == "egress_denied")
+    sent = f'egress_warden_sent_bytes_total{{destination="{Lab.PROVIDER4}",workload="{name}"}}'
+    deadline = time.monotonic() + 10
+    while (samples := scrape(port)).get(sent, 0) < counter.bytes and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert samples[sent] == counter.bytes  # one process sent to it: the workload's total is its counter
+    assert samples[f'egress_warden_verdicts_total{{verdict="deny",workload="{name}"}}'] == 1
+    assert samples['egress_warden_events_total{kind="egress_denied"}'] == 1
+    assert samples['egress_warden_events_total{kind="agent_started"}'] == 1
+    assert samples["egress_warden_ringbuf_lost_records_total"] == 0

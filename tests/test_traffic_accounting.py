@@ -1,0 +1,98 @@
+"""agent.traffic without a kernel: rates, per-process totals, names, budget windows, spikes.
+
+The kernel side is tested in test_traffic.py; here counters are given as the kernel would
+report them, so windows and baselines can be stepped through exactly."""
+from __future__ import annotations
+
+import socket
+
+from agent.kernel.loader import TrafficCounter
+from agent.policy import Budget, parse_policy
+from agent.traffic import BudgetWatch, SpikeWatch, TrafficWatch
+from agent.traffic.meter import DestinationTraffic
+
+TCP = socket.IPPROTO_TCP
+PROVIDER, OTHER = "198.18.1.10", "198.18.3.20"
+
+
+def counter(tgid: int, address: str | None, sent: int, port: int = 443, workload: int = 0) -> TrafficCounter:
+    return TrafficCounter(workload=workload, tgid=tgid, address=address, port=port, protocol=TCP,
+                          listen=address is None, bytes=sent, packets=max(sent // 1000, 1))
+
+
+def destination(address: str, sent: int, rate: float = 0.0, fqdn: str | None = None) -> DestinationTraffic:
+    return DestinationTraffic(address, 443, "tcp", fqdn, False, sent, 1, rate)
+
+
+def spec(extra: str = ""):
+    return parse_policy(f"""
+version: 1
+workloads:
+  - name: app
+    allow:
+      - cidr: 198.18.0.0/16
+{extra}""").workloads[0]
+
+
+def test_rates_are_growth_between_ticks_and_processes_are_apart():
+    watch = TrafficWatch(names=lambda address: "api.provider.test" if address == PROVIDER else None)
+    workloads = {0: spec()}
+    watch.tick([counter(10, PROVIDER, 1000), counter(11, OTHER, 500)], workloads, now=100.0)
+    watch.tick([counter(10, PROVIDER, 5000), counter(11, OTHER, 500), counter(12, PROVIDER, 300)], workloads, now=102.0)
+    processes = {p.pid: p for p in watch.processes()}
+    assert set(processes) == {10, 11, 12}
+    (first,) = processes[10].destinations
+    assert (first.address, first.fqdn, first.label, first.bytes, first.rate) == (
+        PROVIDER, "api.provider.test", "api.provider.test", 5000, 2000.0)
+    assert processes[11].destinations[0].rate == 0.0
+    assert processes[12].destinations[0].rate == 150.0  # new since the last tick: all of it is growth
+    by_destination = {d.label: d for d in watch.destinations("app")}
+    assert by_destination["api.provider.test"].bytes == 5300
+    assert by_destination[OTHER].bytes == 500
+
+
+def test_counters_of_workloads_not_in_the_policy_are_left_out():
+    watch = TrafficWatch()
+    watch.tick([counter(10, PROVIDER, 1000, workload=7)], {0: spec()}, now=1.0)
+    assert watch.processes() == []
+
+
+def test_budget_counts_only_the_window_and_reports_a_crossing_once():
+    budget = Budget(fqdn=None, cidr="198.18.1.0/24", bytes_per_minute=10_000, action="alert")
+    watch = BudgetWatch(window_seconds=60)
+    assert watch.check("app", (budget,), [destination(PROVIDER, 50_000)], now=0.0) == []  # the baseline
+    assert watch.check("app", (budget,), [destination(PROVIDER, 58_000), destination(OTHER, 10**9)], now=30.0) == []
+    (crossing,) = watch.check("app", (budget,), [destination(PROVIDER, 61_000)], now=50.0)
+    assert (crossing.window_bytes, crossing.destinations) == (11_000, (PROVIDER,))
+    assert watch.check("app", (budget,), [destination(PROVIDER, 62_000)], now=55.0) == []  # still over: once
+    # 61 s after the baseline, the window starts at the 30 s sample: 62000 - 58000 is under.
+    assert watch.check("app", (budget,), [destination(PROVIDER, 62_000)], now=91.0) == []
+    assert len(watch.check("app", (budget,), [destination(PROVIDER, 75_000)], now=95.0)) == 1  # again
+
+
+def test_fqdn_budget_matches_the_names_the_dns_proxy_gave():
+    budget = Budget(fqdn="*.provider.test", cidr=None, bytes_per_minute=100, action="kill")
+    watch = BudgetWatch()
+    named = [destination(PROVIDER, 0, fqdn="api.provider.test"), destination(OTHER, 0, fqdn="deep.api.provider.test")]
+    watch.check("app", (budget,), named, now=0.0)
+    grown = [destination(PROVIDER, 500, fqdn="api.provider.test"), destination(OTHER, 10**6, fqdn="deep.api.provider.test")]
+    (crossing,) = watch.check("app", (budget,), grown, now=1.0)
+    assert (crossing.window_bytes, crossing.destinations) == (500, ("api.provider.test",))
+
+
+def test_spike_needs_a_warm_baseline_and_a_multiple_of_it():
+    workload = spec("    spike:\n      factor: 4\n      baseline_seconds: 10\n      min_rate: 1000\n")
+    watch = SpikeWatch()
+    for second in range(0, 11):
+        assert watch.check("app", workload.spike, [destination(PROVIDER, 0, rate=2000)], now=float(second)) == []
+    assert watch.check("app", workload.spike, [destination(PROVIDER, 0, rate=7000)], now=11.0) == []  # < 4x
+    (anomaly,) = watch.check("app", workload.spike, [destination(PROVIDER, 0, rate=30_000)], now=12.0)
+    assert anomaly.rate == 30_000 and anomaly.baseline < 30_000 / 4
+    assert watch.check("app", workload.spike, [destination(PROVIDER, 0, rate=30_000)], now=13.0) == []  # once
+
+
+def test_spike_on_a_new_destination_waits_for_its_baseline():
+    workload = spec("    spike:\n      factor: 2\n      baseline_seconds: 5\n      min_rate: 10\n")
+    watch = SpikeWatch()
+    assert watch.check("app", workload.spike, [destination(OTHER, 0, rate=0)], now=0.0) == []
+    assert watch.check("app", workload.spike, [destination(OTHER, 0, rate=10**6)], now=1.0) == []
