@@ -28,8 +28,7 @@ from agent.kernel.loader import DEFAULT_PIN_DIR, PORT_ANY, AllowEntry, KernelPro
 from agent.kernel.records import Kind, KernelRecord, Verdict
 from agent.kernel.sockets import InetSocket, destroy_socket, process_sockets
 from agent.policy import Policy, PolicyError, Workload, load_policy
-from agent.traffic import (Anomaly, BudgetCrossing, DestinationTraffic, NameLookup, ProcessTraffic, TrafficWatch,
-                           no_names)
+from agent.traffic import Anomaly, BudgetCrossing, DestinationTraffic, ProcessTraffic, TrafficWatch
 
 log = logging.getLogger("egress_warden")
 
@@ -86,8 +85,7 @@ def destination_allowed(spec: Workload, ip: str, port: int, protocol: str) -> bo
 
 class Agent:
     def __init__(self, policy_path: Path, state_dir: Path, bus: EventBus, pin_dir: Path = DEFAULT_PIN_DIR,
-                 names: NameLookup = no_names, hook_timeout: float = DEFAULT_TIMEOUT_SECONDS) -> None:
-        """`names` gives the DNS name an address was resolved from (the DNS proxy's), if any."""
+                 hook_timeout: float = DEFAULT_TIMEOUT_SECONDS) -> None:
         self.policy_path = Path(policy_path)
         self.state_dir = Path(state_dir)
         self.pin_dir = Path(pin_dir)
@@ -104,7 +102,7 @@ class Agent:
         self._joined_by_agent: dict[int, str] = {}
         self._cgroup_root = cgroups.cgroup2_root()
         self._never_adopt = {os.getpid(), *(p.pid for p in psutil.Process().parents())}
-        self.traffic = TrafficWatch(names)
+        self.traffic = TrafficWatch(self._name_for)
         self._hooks = HookRunner(self._on_hook_finished, hook_timeout)
 
     # --- life cycle -------------------------------------------------------------------
@@ -511,6 +509,10 @@ class Agent:
         return {"cause_seq": cause.seq, "cause_kind": cause.kind.value} if cause else {"cause": "operator"}
 
     # --- traffic: counters -> budgets, spikes -------------------------------------------
+
+    def _name_for(self, address: str) -> str | None:
+        """The DNS name the proxy resolved `address` from, to label counters and budgets."""
+        return self.dns.name_for(address) if self.dns else None
 
     def traffic_by_process(self) -> list[ProcessTraffic]:
         """Per process (pid, comm, workload): bytes, packets and rate per destination, as of

@@ -32,7 +32,7 @@ sys.path[:0] = [str(REPO / "tests"), str(REPO / "bench"), str(REPO)]
 from agent import cgroups  # noqa: E402
 from agentproc import AgentProcess, unique_name  # noqa: E402
 from foundation import CONNECT_CLIENT, PROVIDER_PORT, client_run, own_cgroup, progress, start_accept_server  # noqa: E402
-from netlab import Lab  # noqa: E402
+from agent.lab.network import Lab  # noqa: E402
 
 IPERF_PORT = 5201
 TARGET_RATIO = 0.97

@@ -26,7 +26,7 @@ import pytest
 
 from agent.kernel.loader import TrafficCounter, read_pinned_traffic
 from agentproc import AgentProcess, unique_name
-from netlab import Lab
+from agent.lab.network import Lab
 
 pytestmark = pytest.mark.root
 

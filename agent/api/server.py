@@ -33,6 +33,7 @@ from agent.events.process import describe_process
 from agent.events.spool import Filters, Spool, SpoolReader
 from agent.kernel.sockets import InetSocket, process_sockets
 from agent.policy import PolicyError, parse_policy
+from agent.traffic import DestinationTraffic, ProcessTraffic
 
 log = logging.getLogger("egress_warden")
 
@@ -101,12 +102,14 @@ class AgentService(pb_grpc.AgentServicer):
     @_workload_call
     def ListProcesses(self, request, context) -> pb.ListProcessesResponse:
         members = self.agent.workload_members()
+        counted = {(p.workload, p.pid): p for p in self.agent.traffic_by_process()}
         if request.workload:
             members = [(w, pids) for w, pids in members if w.spec.name == request.workload]
             if not members:
                 raise KeyError(f"no workload named {request.workload!r} in the policy in force")
         return pb.ListProcessesResponse(processes=[
-            _process_message(running.spec.name, pid) for running, pids in members for pid in pids])
+            _process_message(running.spec.name, pid, counted.get((running.spec.name, pid)))
+            for running, pids in members for pid in pids])
 
     def GetPolicy(self, request, context) -> pb.PolicyInForce:
         policy = self.agent.policy
@@ -209,24 +212,37 @@ def _workload_message(running: RunningWorkload, pids: list[int]) -> pb.Workload:
                  for w in workload_posture(running.cgroup_dirs)])
 
 
-def _process_message(workload: str, pid: int) -> pb.Process:
-    """A process with the destinations its socket table names. Byte and packet counts
-    come from the kernel's counters; where the kernel does not count them they are 0."""
+def _process_message(workload: str, pid: int, traffic: ProcessTraffic | None) -> pb.Process:
+    """A process with the destinations its socket table names and those the kernel counted
+    bytes to (whose sockets may be closed by now), with the counts as of the last tick."""
     info = describe_process(pid)
     try:
         held = process_sockets(pid)
     except (FileNotFoundError, ProcessLookupError, PermissionError):
         held = []
+    sent = {(d.address, d.port, d.protocol): d for d in traffic.destinations if not d.listen} if traffic else {}
+    destinations = []
+    for sock in held:
+        if sock.connected:
+            counted = sent.pop((sock.remote_ip_unmapped, sock.remote_port, sock.protocol_name), None)
+            destinations.append(_destination_message(sock, counted))
+    destinations += [pb.ProcessDestination(ip=d.address, port=d.port, protocol=d.protocol, state="closed",
+                                           fqdn=d.fqdn or "", bytes_sent=d.bytes, packets_sent=d.packets)
+                     for d in sent.values()]
     return pb.Process(
         workload=workload, pid=pid, ppid=info.ppid or 0, uid=info.uid or 0, comm=info.comm or "",
         exe=info.exe or "", cmdline=info.cmdline or [], start_time=info.start_time or 0.0,
-        destinations=[_destination_message(s) for s in held if s.connected])
+        bytes_sent=traffic.bytes if traffic else 0,
+        packets_sent=sum(d.packets for d in traffic.destinations) if traffic else 0,
+        destinations=destinations)
 
 
-def _destination_message(sock: InetSocket) -> pb.ProcessDestination:
+def _destination_message(sock: InetSocket, counted: DestinationTraffic | None) -> pb.ProcessDestination:
     state = _TCP_STATES.get(sock.state, str(sock.state)) if sock.protocol_name == "tcp" else "connected"
     return pb.ProcessDestination(ip=sock.remote_ip_unmapped, port=sock.remote_port, protocol=sock.protocol_name,
-                                 local_port=sock.local_port, state=state)
+                                 local_port=sock.local_port, state=state, fqdn=counted.fqdn or "" if counted else "",
+                                 bytes_sent=counted.bytes if counted else 0,
+                                 packets_sent=counted.packets if counted else 0)
 
 
 # --- serving ---------------------------------------------------------------------------------

@@ -45,5 +45,5 @@ def ps_command(workload: str | None, target: Target, output: str) -> None:
 
 
 def _destination(d) -> str:
-    host = f"[{d.ip}]" if ":" in d.ip else d.ip
-    return f"{d.protocol}:{host}:{d.port} ({d.state})"
+    host = d.fqdn or (f"[{d.ip}]" if ":" in d.ip else d.ip)
+    return f"{d.protocol}:{host}:{d.port} ({d.state}, {d.bytes_sent} B)"

@@ -18,6 +18,19 @@ class NameGrant:
     rule_line: int
 
 
+def wildcard_suffix(name: str) -> str | None:
+    """What follows "*." in a pattern that matches `name`: all but its first label."""
+    first, dot, rest = name.partition(".")
+    return rest if dot and first else None
+
+
+def name_matches(pattern: str, name: str) -> bool:
+    """One pattern against one name (budgets name destinations this way too)."""
+    if pattern.startswith("*."):
+        return wildcard_suffix(name) == pattern[2:]
+    return name == pattern
+
+
 class NameMatcher:
     def __init__(self, rules: tuple[AllowRule, ...]) -> None:
         self._exact: dict[str, list[NameGrant]] = {}
@@ -34,9 +47,9 @@ class NameMatcher:
     def grants(self, name: str) -> list[NameGrant]:
         """The grants of every rule `name` matches; empty: the name is not allowed."""
         found = list(self._exact.get(name, ()))
-        first, dot, rest = name.partition(".")
-        if dot and first:
-            found.extend(self._wildcard.get(rest, ()))
+        suffix = wildcard_suffix(name)
+        if suffix is not None:
+            found.extend(self._wildcard.get(suffix, ()))
         return found
 
     @property

@@ -38,6 +38,7 @@ UPSTREAM_TIMEOUT = 2.0  # then the next upstream is asked, if the policy lists o
 ALLOWED_WINDOW = 5.0  # dns_allowed: one event per name and workload per window, with a count
 DENIED_PER_WINDOW = 20  # dns_denied events per workload per window; the rest are counted
 MAX_PENDING = 16384  # queries waiting for upstream answers; beyond: SERVFAIL (ids are 16 bits)
+MAX_REMEMBERED_NAMES = 65536  # addresses whose name labels counters and metrics
 TCP_IDLE = 10.0
 TCP_CLIENTS_PER_LISTENER = 64
 REFRESH_RETRY = 5.0
@@ -205,6 +206,9 @@ class DnsProxy:
         # (workload index, asked name, address) -> expires_ns last written: a busy name's
         # answers skip the allow map while the entry there outlives them anyway.
         self._written: dict[tuple[int, str, str], int] = {}
+        # address -> the name it was last resolved from, for labels in counters and metrics;
+        # bounded, the oldest answer forgotten first.
+        self._name_of: dict[str, str] = {}
         self._next_housekeeping = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, name="dns-proxy", daemon=True)
@@ -507,6 +511,7 @@ class DnsProxy:
         now = time.monotonic_ns()
         entries = []
         for record in records:
+            self._remember_name(record.value, name)
             expires = now + (min(record.ttl, MAX_TTL) + config.grace_seconds) * 1_000_000_000
             written = (config.index, name, record.value)
             if self._written.get(written, 0) >= expires - _WRITE_SLACK_NS:
@@ -518,6 +523,16 @@ class DnsProxy:
                     entries.append(AllowEntry(network, grant.protocol, port, expires, grant.rule_line))
         if entries:
             self._kernel.allow_until(config.index, entries, _WRITE_SLACK_NS)
+
+    def _remember_name(self, address: str, name: str) -> None:
+        self._name_of.pop(address, None)  # re-inserted last: the newest answer is kept longest
+        self._name_of[address] = name
+        if len(self._name_of) > MAX_REMEMBERED_NAMES:
+            del self._name_of[next(iter(self._name_of))]
+
+    def name_for(self, address: str) -> str | None:
+        """The name `address` was last resolved from by any workload, if the proxy saw it."""
+        return self._name_of.get(address)
 
     def _expire_pending(self, now: float) -> None:
         for key in [k for k, p in self._pending.items() if p.deadline <= now]:

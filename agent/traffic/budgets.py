@@ -5,11 +5,11 @@ used in the window is the total now minus the total at the window's start. A bud
 crosses its limit is reported once, and again only after it fell back under the limit."""
 from __future__ import annotations
 
-import fnmatch
 import ipaddress
 from collections import deque
 from dataclasses import dataclass
 
+from agent.dns.names import name_matches
 from agent.policy import Budget
 
 from .meter import DestinationTraffic
@@ -36,13 +36,7 @@ def budget_covers(budget: Budget, destination: DestinationTraffic) -> bool:
     if budget.cidr:
         address = ipaddress.ip_address(destination.address)
         return address in ipaddress.ip_network(budget.cidr)
-    name = destination.fqdn
-    if name is None:
-        return False
-    # "*.example.com" is one label, as in allow rules.
-    if budget.fqdn.startswith("*."):
-        return fnmatch.fnmatchcase(name, budget.fqdn) and name.count(".") == budget.fqdn.count(".")
-    return name == budget.fqdn
+    return destination.fqdn is not None and name_matches(budget.fqdn, destination.fqdn)
 
 
 class BudgetWatch:
