@@ -2,8 +2,10 @@
 loss counts across those gaps. The agent-level tests (test_api.py) cover it end to end."""
 import time
 
+import pytest
+
 from agent.events import Event, EventKind
-from agent.events.spool import Filters, Spool
+from agent.events.spool import Filters, Spool, SpoolAhead
 
 
 def publish(spool: Spool, seqs: range) -> None:
@@ -70,3 +72,11 @@ def test_losses_are_counted_exactly_across_restart_gaps(tmp_path):
         assert reader.lost_after(oldest - 1) == (0, 0)
     assert figures.dropped == 100 + oldest - 1001
     spool.close()
+
+
+def test_a_seq_that_would_repeat_is_refused(tmp_path):
+    spool = open_spool(tmp_path, 1)
+    publish(spool, range(1, 6))
+    spool.close()
+    with pytest.raises(SpoolAhead, match="up to seq 5"):
+        open_spool(tmp_path, 3)  # the seq file was lost or rolled back

@@ -14,7 +14,7 @@ import click
 
 from agent.cli.values import Duration, Size
 from agent.events import Event, EventBus, EventKind, JsonLinesSink
-from agent.events.spool import SPOOL_FILE, Spool
+from agent.events.spool import SPOOL_FILE, Spool, SpoolAhead
 from agent.policy import PolicyError
 
 DEFAULT_STATE_DIR = Path("/var/lib/egress-warden")
@@ -75,6 +75,9 @@ def agent_command(policy_path: Path, events_file: Path | None, state_dir: Path, 
     except sqlite3.Error as e:
         click.echo(f"warden agent: cannot open the event spool {state_dir / SPOOL_FILE}: {e}; move it aside "
                    "to start with an empty one (seq numbers continue)", err=True)
+        sys.exit(1)
+    except SpoolAhead as e:
+        click.echo(f"warden agent: {state_dir}: {e}", err=True)
         sys.exit(1)
     bus.subscribe(spool.append)  # first: every event is queued for the spool before anyone acts on it
     bus.subscribe(JsonLinesSink(stream))

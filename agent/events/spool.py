@@ -81,6 +81,10 @@ class CrashGap:
     last: int
 
 
+class SpoolAhead(Exception):
+    """The spool holds seqs this run would hand out again."""
+
+
 def _connect(path: Path) -> sqlite3.Connection:
     db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
     db.execute("PRAGMA journal_mode=WAL")
@@ -99,6 +103,11 @@ class Spool:
         db = _connect(self.path)
         db.executescript(_SCHEMA)
         self._high = self._meta(db, "high_seq")
+        if first_seq <= self._high:
+            db.close()
+            raise SpoolAhead(f"the spool holds events up to seq {self._high} but this run would start at "
+                             f"seq {first_seq}: seq numbers would repeat (was the seq file removed? write "
+                             f"{self._high} into it to continue after the spool)")
         self.crash_gap = self._record_restart_gap(db, first_seq)
         self.committed = self._high
         self._count, self._bytes, self._oldest = db.execute(
