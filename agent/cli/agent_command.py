@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from agent.cli.values import Duration, Size
-from agent.events import Event, EventBus, EventKind, JsonLinesSink
+from agent.events import EventBus, JsonLinesSink
 from agent.events.spool import SPOOL_FILE, Spool, SpoolAhead
 from agent.policy import PolicyError
 
@@ -82,11 +82,7 @@ def agent_command(policy_path: Path, events_file: Path | None, state_dir: Path, 
     bus.subscribe(spool.append)  # first: every event is queued for the spool before anyone acts on it
     bus.subscribe(JsonLinesSink(stream))
     if spool.crash_gap:
-        bus.publish(Event(EventKind.EVENTS_LOST, detail={
-            "count": None, "at_most": spool.crash_gap.last - spool.crash_gap.first + 1,
-            "first_seq": spool.crash_gap.first, "last_seq": spool.crash_gap.last,
-            "where": "the previous agent stopped without a clean shutdown: events it published in its "
-                     "last moments may be missing from the spool (the events file has them)"}))
+        bus.publish(spool.crash_gap.event())
     agent = Agent(policy_path, state_dir, bus)
     signal.signal(signal.SIGTERM, lambda *_: agent.stop())
     signal.signal(signal.SIGINT, lambda *_: agent.stop())
@@ -94,6 +90,7 @@ def agent_command(policy_path: Path, events_file: Path | None, state_dir: Path, 
     try:
         agent.start()
     except PolicyError as e:
+        spool.close()
         click.echo(f"warden agent: policy refused, nothing enforced:\n{e}", err=True)
         sys.exit(1)
     api = ApiServers(agent, bus, spool, started_at=started_at)

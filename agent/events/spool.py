@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.events.model import Event
+from agent.events.model import Event, EventKind
 
 log = logging.getLogger("egress_warden")
 
@@ -79,6 +79,12 @@ class CrashGap:
     """seqs the previous agent may have handed out but had not yet written when it died."""
     first: int
     last: int
+
+    def event(self) -> Event:
+        return Event(EventKind.EVENTS_LOST, detail={
+            "count": None, "at_most": self.last - self.first + 1, "first_seq": self.first, "last_seq": self.last,
+            "where": "the previous agent stopped without a clean shutdown: events it published in its "
+                     "last moments may be missing from the spool (the events file has them)"})
 
 
 class SpoolAhead(Exception):
