@@ -260,3 +260,20 @@ def test_the_spool_forgets_events_older_than_its_age_bound(start_agent, names):
             time.sleep(0.2)
         [lost] = read_all(api, since_seq=0)
         assert lost.kind == "events_lost" and json.loads(lost.detail_json)["count"] == newest
+
+
+def test_identical_refusals_are_folded_with_exact_counts(lab, start_agent, names):
+    wl = names[0]
+    agent = start_agent(policy(wl), [wl])
+    router = lab.run_in_router(agent.router_cmd(wl, "probe", Lab.ATTACKER4, "443", "--seconds", "2", "--interval", "0"),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    refused = json.loads(router.communicate(timeout=60)[0].splitlines()[-1])["refused"]
+    settle(agent, quiet=1.0)  # longer than the fold window: every count is published
+    with unix_stub(agent) as api:
+        denials = read_all(api, since_seq=0, workloads=[wl], kinds=["egress_denied"])
+        lost = api.GetStatus(pb.GetStatusRequest(), timeout=10).kernel_records_lost
+    counts = [json.loads(e.detail_json).get("count", 1) for e in denials]
+    assert refused > 1000 and len(denials) < refused / 10, (refused, len(denials))
+    assert sum(counts) + lost == refused
+    folded = [json.loads(e.detail_json) for e in denials if "repeat_of" in json.loads(e.detail_json)]
+    assert folded and all(d["repeat_of"] in {e.seq for e in denials} for d in folded)
