@@ -98,6 +98,7 @@ def test_mtls_serves_read_only_calls_and_refuses_strangers(start_agent, names, t
         "--listen", f"127.0.0.1:{port}", "--tls-cert", str(server.cert), "--tls-key", str(server.key),
         "--tls-client-ca", str(pki["client_ca"].cert)])
     collector = pki["client_ca"].issue("collector")
+    settle(agent)
     with tls_stub(port, pki["server_ca"].cert, collector) as api:
         assert [w.name for w in api.GetStatus(pb.GetStatusRequest(), timeout=10).workloads] == [wl]
         assert any(e.kind == "agent_started" for e in read_all(api, since_seq=0))

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from agent.cli import main
 from agentproc import REPO, WARDEN, workload_policy, write_policy
-from apiclient import free_port
+from apiclient import free_port, settle
 from certs import Authority
 from netlab import Lab
 
@@ -23,7 +23,9 @@ def policy(name: str) -> str:
 
 @pytest.fixture
 def agent(start_agent, names):
-    return start_agent(policy(names[0]), [names[0]])
+    started = start_agent(policy(names[0]), [names[0]])
+    settle(started)  # its first events are in the spool
+    return started
 
 
 def warden(agent, *args: str):
