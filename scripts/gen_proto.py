@@ -1,7 +1,7 @@
 """Generates the Python gRPC stubs from proto/ into agent/api/gen/ (gitignored).
 
-Run by scripts/setup.sh. Regenerates only when a .proto file or the grpcio-tools
-version changed (a stamp file holds their hash), so a second run changes nothing.
+Run by scripts/setup.sh. Regenerates only when a .proto file, this script or the
+grpcio-tools version changed (a stamp file holds their hash), so a second run changes nothing.
 proto/ is mapped to the virtual path agent/api/gen/, which makes protoc's absolute
 imports `from agent.api.gen.egress_warden.v1 import ...` resolve inside our package.
 """
@@ -22,7 +22,7 @@ STAMP = GEN / ".generated-from"
 
 
 def fingerprint(protos: list[Path]) -> str:
-    digest = hashlib.sha256(version("grpcio-tools").encode())
+    digest = hashlib.sha256(version("grpcio-tools").encode() + Path(__file__).read_bytes())
     for path in protos:
         digest.update(str(path.relative_to(PROTO)).encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()

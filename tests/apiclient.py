@@ -42,9 +42,11 @@ def free_port() -> int:
 
 def flood(lab: Lab, agent: AgentProcess, workload: str, seconds: float) -> subprocess.Popen:
     """A router in `workload` making denied connects to the lab's attacker as fast as it can:
-    every attempt is a real kernel denial and one egress_denied event."""
-    return lab.run_in_router(agent.router_cmd(workload, "probe", Lab.ATTACKER4, "443", "--seconds", str(seconds),
-                                              "--interval", "0"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    every attempt is a real kernel denial and, each to its own port (so no two are folded
+    into one event), one egress_denied event."""
+    return lab.run_in_router(agent.router_cmd(workload, "probe", Lab.ATTACKER4, "20000", "--seconds", str(seconds),
+                                              "--interval", "0", "--spread", "40000"),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def settle(agent: AgentProcess, quiet: float = 0.5, timeout: float = 30.0) -> list[dict]:

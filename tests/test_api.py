@@ -98,6 +98,7 @@ def test_mtls_serves_read_only_calls_and_refuses_strangers(start_agent, names, t
         "--listen", f"127.0.0.1:{port}", "--tls-cert", str(server.cert), "--tls-key", str(server.key),
         "--tls-client-ca", str(pki["client_ca"].cert)])
     collector = pki["client_ca"].issue("collector")
+    settle(agent)
     with tls_stub(port, pki["server_ca"].cert, collector) as api:
         assert [w.name for w in api.GetStatus(pb.GetStatusRequest(), timeout=10).workloads] == [wl]
         assert any(e.kind == "agent_started" for e in read_all(api, since_seq=0))
@@ -292,3 +293,20 @@ def test_status_reports_posture_of_workload_processes(lab, start_agent, names):
         finally:
             nobody.kill()
             nobody.wait()
+
+
+def test_identical_refusals_are_folded_with_exact_counts(lab, start_agent, names):
+    wl = names[0]
+    agent = start_agent(policy(wl), [wl])
+    router = lab.run_in_router(agent.router_cmd(wl, "probe", Lab.ATTACKER4, "443", "--seconds", "2", "--interval", "0"),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    refused = json.loads(router.communicate(timeout=60)[0].splitlines()[-1])["refused"]
+    settle(agent, quiet=1.0)  # longer than the fold window: every count is published
+    with unix_stub(agent) as api:
+        denials = read_all(api, since_seq=0, workloads=[wl], kinds=["egress_denied"])
+        lost = api.GetStatus(pb.GetStatusRequest(), timeout=10).kernel_records_lost
+    counts = [json.loads(e.detail_json).get("count", 1) for e in denials]
+    assert refused > 1000 and len(denials) < refused / 10, (refused, len(denials))
+    assert sum(counts) + lost == refused
+    folded = [json.loads(e.detail_json) for e in denials if "repeat_of" in json.loads(e.detail_json)]
+    assert folded and all(d["repeat_of"] in {e.seq for e in denials} for d in folded)

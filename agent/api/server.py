@@ -10,7 +10,6 @@ import dataclasses
 import functools
 import grp
 import json
-import logging
 import os
 import socket
 import threading
@@ -35,13 +34,12 @@ from agent.kernel.sockets import InetSocket, process_sockets
 from agent.policy import PolicyError, parse_policy
 from agent.traffic import DestinationTraffic, ProcessTraffic
 
-log = logging.getLogger("egress_warden")
-
 MAX_REQUEST_BYTES = 1 << 20  # a policy text is the largest request; 1 MiB is plenty
 MAX_RESPONSE_BYTES = 16 << 20
 MAX_STREAMS = 48  # WatchEvents streams at once, per server; each holds one thread
 _WORKERS = MAX_STREAMS + 16  # so unary calls still find a thread when every stream is open
-_FOLLOW_WAKE_SECONDS = 1.0  # a follower re-checks that its client is still there this often
+_FOLLOW_WAKE_SECONDS = 1.0
+_DURABLE_WAIT_SECONDS = 5.0  # a control call's reply waits at most this long for its event to be spooled  # a follower re-checks that its client is still there this often
 _TCP_STATES = {1: "established", 2: "syn_sent", 3: "syn_recv", 4: "fin_wait1", 5: "fin_wait2", 6: "time_wait",
                7: "close", 8: "close_wait", 9: "last_ack", 10: "listen", 11: "closing"}
 _KINDS = {k.value for k in EventKind}
@@ -183,22 +181,27 @@ class AgentService(pb_grpc.AgentServicer):
     def ReloadPolicy(self, request, context) -> pb.ReloadPolicyResponse:
         event = self.agent.reload()
         return pb.ReloadPolicyResponse(ok=event.kind == EventKind.POLICY_LOADED,
-                                       problems=event.detail.get("problems", []), event=event_message(event))
+                                       problems=event.detail.get("problems", []), event=self._durable(event))
 
     @_control
     @_workload_call
     def Quarantine(self, request, context) -> pb.ActionResponse:
-        return pb.ActionResponse(event=event_message(self.agent.quarantine(request.workload)))
+        return pb.ActionResponse(event=self._durable(self.agent.quarantine(request.workload)))
 
     @_control
     @_workload_call
     def Release(self, request, context) -> pb.ActionResponse:
-        return pb.ActionResponse(event=event_message(self.agent.release(request.workload)))
+        return pb.ActionResponse(event=self._durable(self.agent.release(request.workload)))
 
     @_control
     @_workload_call
     def Kill(self, request, context) -> pb.ActionResponse:
-        return pb.ActionResponse(event=event_message(self.agent.kill(request.workload)))
+        return pb.ActionResponse(event=self._durable(self.agent.kill(request.workload)))
+
+    def _durable(self, event: Event) -> pb.Event:
+        """The event, once it is in the spool: what a control call reports, `warden events` shows next."""
+        self.spool.wait_beyond(event.seq - 1, _DURABLE_WAIT_SECONDS)
+        return event_message(event)
 
 
 def _workload_message(running: RunningWorkload, pids: list[int]) -> pb.Workload:

@@ -6,6 +6,7 @@ import logging
 import os
 import signal
 import socket
+import sqlite3
 import sys
 import time
 from pathlib import Path
@@ -15,8 +16,8 @@ import click
 from agent.actions.hooks import DEFAULT_TIMEOUT_SECONDS
 from agent.cli.sdnotify import notify
 from agent.cli.values import Duration, Size
-from agent.events import Event, EventBus, EventKind, JsonLinesSink
-from agent.events.spool import Spool
+from agent.events import EventBus, JsonLinesSink
+from agent.events.spool import SPOOL_FILE, Spool, SpoolAhead
 from agent.kernel.loader import DEFAULT_PIN_DIR
 from agent.policy import PolicyError
 
@@ -90,15 +91,19 @@ def agent_command(policy_path: Path, events_file: Path | None, state_dir: Path, 
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     stream = open(events_file, "a", encoding="utf-8") if events_file else sys.stdout
     bus = EventBus(agent_id, state_dir)
-    spool = Spool(state_dir, first_seq=bus.first_seq, max_bytes=spool_max_bytes, max_age_seconds=spool_max_age)
+    try:
+        spool = Spool(state_dir, first_seq=bus.first_seq, max_bytes=spool_max_bytes, max_age_seconds=spool_max_age)
+    except sqlite3.Error as e:
+        click.echo(f"warden agent: cannot open the event spool {state_dir / SPOOL_FILE}: {e}; move it aside "
+                   "to start with an empty one (seq numbers continue)", err=True)
+        sys.exit(1)
+    except SpoolAhead as e:
+        click.echo(f"warden agent: {state_dir}: {e}", err=True)
+        sys.exit(1)
     bus.subscribe(spool.append)  # first: every event is queued for the spool before anyone acts on it
     bus.subscribe(JsonLinesSink(stream))
     if spool.crash_gap:
-        bus.publish(Event(EventKind.EVENTS_LOST, detail={
-            "count": None, "at_most": spool.crash_gap.last - spool.crash_gap.first + 1,
-            "first_seq": spool.crash_gap.first, "last_seq": spool.crash_gap.last,
-            "where": "the previous agent stopped without a clean shutdown: events it published in its "
-                     "last moments may be missing from the spool (the events file has them)"}))
+        bus.publish(spool.crash_gap.event())
     agent = Agent(policy_path, state_dir, bus, pin_dir=pin_dir, hook_timeout=hook_timeout)
     metrics = Metrics(agent.traffic_by_workload, lambda: agent.kernel.lost_records() if agent.kernel else 0)
     bus.subscribe(metrics.observe)
@@ -108,13 +113,14 @@ def agent_command(policy_path: Path, events_file: Path | None, state_dir: Path, 
     try:
         agent.start()
     except PolicyError as e:
+        spool.close()
         click.echo(f"warden agent: policy refused, nothing enforced:\n{e}", err=True)
         sys.exit(1)
     api = ApiServers(agent, bus, spool, started_at=started_at)
     try:
-        api.serve_unix(socket_path, socket_group)
         if listen:
             api.serve_tcp(listen, tls)
+        api.serve_unix(socket_path, socket_group)  # last: once the socket exists, every server is up
     except (OSError, RuntimeError) as e:  # grpc says RuntimeError when it cannot bind
         api.stop()
         spool.close()

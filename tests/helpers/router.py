@@ -11,7 +11,8 @@ the outcome as one JSON line ({"ok": true} or {"ok": false, "errno": N, "error":
     router.py hold HOST PORT                    connect, print {"connected": true}, then for each
                                                 line on stdin send that many bytes and print the outcome
     router.py probe HOST PORT --seconds S       try to connect every --interval seconds (default 5 ms)
-                                                for S seconds; count successes
+                                                for S seconds; count successes. --spread N: to ports
+                                                PORT..PORT+N-1 in turn (distinct destinations)
     router.py escape CGROUP_PROCS               write its own pid into another cgroup, then sleep
     router.py resolve NAME [--count N]          getaddrinfo (glibc's resolver) N times; the last addresses
     router.py resolve-connect NAME PORT --count N   N times: getaddrinfo, connect to the answer, send 1 byte
@@ -119,11 +120,12 @@ def hold(host: str, port: int) -> None:
             report(**failure(e))
 
 
-def probe(host: str, port: int, seconds: float, interval: float) -> dict:
-    connected = refused = 0
+def probe(host: str, port: int, seconds: float, interval: float, spread: int = 1) -> dict:
+    connected = refused = attempt = 0
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        outcome = tcp(host, port, 1, family_of(host))
+        outcome = tcp(host, port + attempt % spread, 1, family_of(host))
+        attempt += 1
         connected += outcome["ok"]
         refused += not outcome["ok"]
         time.sleep(interval)
@@ -208,6 +210,7 @@ def main() -> None:
     parser.add_argument("--bytes", type=int, default=100)
     parser.add_argument("--seconds", type=float, default=1.0)
     parser.add_argument("--interval", type=float, default=0.005)
+    parser.add_argument("--spread", type=int, default=1)
     parser.add_argument("--wait", action="store_true")
     parser.add_argument("--tag")
     parser.add_argument("--count", type=int, default=1)
@@ -231,7 +234,7 @@ def main() -> None:
         "raw": raw,
         "fork-tcp": lambda: fork_tcp(a.host, a.port, a.bytes),
         "exec-tcp": lambda: exec_tcp(a.host, a.port, a.bytes),
-        "probe": lambda: probe(a.host, a.port, a.seconds, a.interval),
+        "probe": lambda: probe(a.host, a.port, a.seconds, a.interval, a.spread),
         "resolve": lambda: resolve(a.host, a.count),
         "resolve-connect": lambda: resolve_connect(a.host, a.port, a.count),
         "dns": lambda: dns(a.host, a.port, a.name, a.qtype, a.tcp, a.count),
