@@ -13,7 +13,8 @@ say() { printf 'setup: %s\n' "$*"; }
 
 [ "$(id -u)" = 0 ] || { echo "setup: run as root (it installs packages and mounts bpffs)" >&2; exit 1; }
 
-debian_packages=(python3-bpfcc python3-venv iproute2 util-linux)
+# postgresql: the collector tests start their own throwaway server from its binaries
+debian_packages=(python3-bpfcc python3-venv iproute2 util-linux postgresql)
 missing=()
 for p in "${debian_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

@@ -5,6 +5,7 @@ import pytest
 
 from agentproc import AgentProcess, unique_name
 from netlab import Lab
+from pgserver import PostgresServer
 
 
 def pytest_collection_modifyitems(config, items):
@@ -40,3 +41,18 @@ def start_agent(tmp_path):
 @pytest.fixture
 def names():
     return [unique_name("wa"), unique_name("wb")]
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """One throwaway PostgreSQL server for the session (initdb takes seconds); tests get their own database."""
+    if os.geteuid() != 0:
+        pytest.skip("the PostgreSQL server runs as the postgres user, which only root can switch to")
+    with PostgresServer() as server:
+        yield server
+
+
+@pytest.fixture
+def postgres_url(postgres_server):
+    """A URL to a fresh, empty database on the session's PostgreSQL server."""
+    return postgres_server.new_database()
