@@ -75,11 +75,12 @@ want=$(cat "$here/pyproject.toml" | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   say "installing Python packages into $venv"
   "$venv/bin/pip" install -q --upgrade pip
-  "$venv/bin/pip" install -q -e "$here[test]"
+  "$venv/bin/pip" install -q -e "$here[test,codegen]"
   echo "$want" > "$stamp"
 else
   say "Python packages up to date"
 fi
-"$venv/bin/python" -c 'import bcc, grpc, psutil, pyroute2, click, yaml' \
+"$venv/bin/python" "$here/scripts/gen_proto.py"
+"$venv/bin/python" -c 'import bcc, grpc, psutil, pyroute2, click, yaml, agent.api.gen.egress_warden.v1.agent_pb2_grpc' \
   || { echo "setup: the venv cannot import its packages" >&2; exit 1; }
 say "ready: $venv/bin/warden"
