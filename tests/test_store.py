@@ -108,13 +108,16 @@ def test_queries_filter_like_warden_events(store):
         return [(e["agent"], e["seq"]) for e in store.query(EventQuery(**filters))]
 
     assert len(seqs()) == 25
-    assert seqs(workload="wb") == [("a1", s) for s in range(11, 21)]
-    assert seqs(kind="egress_denied", agent="a1") == [("a1", s) for s in range(1, 11)]
+    assert seqs(workloads=("wb",)) == [("a1", s) for s in range(11, 21)]
+    assert len(seqs(workloads=("wa", "wb"))) == 25
+    assert seqs(kinds=("egress_denied",), agent="a1") == [("a1", s) for s in range(1, 11)]
+    assert len(seqs(kinds=("egress_denied", "process_exited"), agent="a1")) == 20
     assert seqs(pid=300) == [("a2", s) for s in range(1, 6)]
     assert seqs(agent="a1", since_seq=15) == [("a1", s) for s in range(16, 21)]
     assert seqs(since_time=1_799_999_999.0) == [("a2", s) for s in range(1, 6)]
-    assert seqs(workload="wa", limit=3) == [("a1", 1), ("a1", 2), ("a1", 3)]
-    assert seqs(workload="nobody") == []
+    assert seqs(workloads=("wa",), last=3) == [("a2", 3), ("a2", 4), ("a2", 5)]
+    assert seqs(agent="a1", last=2) == [("a1", 19), ("a1", 20)]
+    assert seqs(workloads=("nobody",)) == []
 
 
 def test_the_query_filters_are_served_by_indexes(tmp_path):

@@ -13,7 +13,7 @@ from typing import Any, Iterable
 import psycopg
 
 from agent.collector import migrations
-from agent.collector.query import EventQuery, where_clause
+from agent.collector.query import EventQuery, select_sql
 from agent.collector.rows import COLUMNS, EventRow
 
 # Any constant both collectors agree on: it serialises schema migrations across them.
@@ -81,11 +81,7 @@ class PostgresStore:
         return value or 0
 
     def query(self, query: EventQuery) -> list[dict[str, Any]]:
-        where, params = where_clause(query, "%s")
-        sql = f"SELECT body FROM events WHERE {where} ORDER BY time, agent, seq"
-        if query.limit is not None:
-            sql += " LIMIT %s"
-            params.append(query.limit)
+        sql, params = select_sql(query, "%s")
         conn = self._connection()
         with conn.transaction():
             return [body for (body,) in conn.execute(sql, params)]

@@ -11,15 +11,18 @@ _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 @dataclass(frozen=True)
 class EventQuery:
-    """Events with seq > since_seq and time >= since_time, matching every filter that is set."""
+    """The filters of WatchEventsRequest, plus the agent a store holds events of.
+
+    Events with seq > since_seq and time >= since_time, of any of `workloads` and any of
+    `kinds` (empty: all), of `pid` and `agent` when set; `last` keeps only the newest N."""
 
     since_seq: int = 0
     since_time: float | None = None
+    last: int | None = None
     agent: str | None = None
-    workload: str | None = None
-    kind: str | None = None
+    workloads: tuple[str, ...] = ()
+    kinds: tuple[str, ...] = ()
     pid: int | None = None
-    limit: int | None = None
 
 
 def parse_since(text: str, now: float | None = None) -> tuple[int, float | None]:
@@ -37,9 +40,21 @@ def where_clause(query: EventQuery, placeholder: str) -> tuple[str, list[object]
     """The SQL WHERE clause and its parameters for `query`; `placeholder` is the driver's (`?` or `%s`)."""
     conditions = ["seq > " + placeholder]
     params: list[object] = [query.since_seq]
-    for column, value in (("time >=", query.since_time), ("agent =", query.agent),
-                          ("workload =", query.workload), ("kind =", query.kind), ("pid =", query.pid)):
+    for column, value in (("time >=", query.since_time), ("agent =", query.agent), ("pid =", query.pid)):
         if value is not None:
             conditions.append(f"{column} {placeholder}")
             params.append(value)
+    for column, values in (("workload", query.workloads), ("kind", query.kinds)):
+        if values:
+            conditions.append(f"{column} IN ({', '.join([placeholder] * len(values))})")
+            params.extend(values)
     return " AND ".join(conditions), params
+
+
+def select_sql(query: EventQuery, placeholder: str) -> tuple[str, list[object]]:
+    """The whole SELECT of the events' bodies, oldest first; with `last`, only the newest N of them."""
+    where, params = where_clause(query, placeholder)
+    if query.last is None:
+        return f"SELECT body FROM events WHERE {where} ORDER BY time, agent, seq", params
+    newest = f"SELECT body, time, agent, seq FROM events WHERE {where} ORDER BY time DESC, agent DESC, seq DESC LIMIT {placeholder}"
+    return f"SELECT body FROM ({newest}) AS newest ORDER BY time, agent, seq", [*params, query.last]

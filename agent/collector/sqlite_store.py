@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from agent.collector import migrations
-from agent.collector.query import EventQuery, where_clause
+from agent.collector.query import EventQuery, select_sql
 from agent.collector.rows import COLUMNS, EventRow
 
 _INSERT = (f"INSERT INTO events ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))}) "
@@ -52,11 +52,7 @@ class SqliteStore:
         return value or 0
 
     def query(self, query: EventQuery) -> list[dict[str, Any]]:
-        where, params = where_clause(query, "?")
-        sql = f"SELECT body FROM events WHERE {where} ORDER BY time, agent, seq"
-        if query.limit is not None:
-            sql += " LIMIT ?"
-            params.append(query.limit)
+        sql, params = select_sql(query, "?")
         with self._lock:
             return [json.loads(body) for (body,) in self._conn.execute(sql, params)]
 
