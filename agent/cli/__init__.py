@@ -1,6 +1,7 @@
 import click
 
 from agent.cli.agent_command import agent_command
+from agent.cli.collector_command import collector_command
 from agent.cli.detach_command import detach_command
 from agent.cli.policy import policy
 from agent.cli.run_command import run_command
@@ -16,6 +17,7 @@ def main() -> None:
       run      start a router inside its workload, guarded from the first instruction
       policy   check policy files before the agent loads them
       detach   end enforcement on purpose (uninstall)
+      collector  collect events from many agents into SQLite or PostgreSQL
     \b
     Exit status:
       0  success
@@ -28,3 +30,4 @@ main.add_command(agent_command)
 main.add_command(run_command)
 main.add_command(policy)
 main.add_command(detach_command)
+main.add_command(collector_command)
