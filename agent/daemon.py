@@ -131,23 +131,32 @@ class Agent:
     def request_reload(self) -> None:
         self._reload_wanted.set()
 
-    def reload(self) -> bool:
-        """Apply the policy file again. An invalid policy is refused and the one in force stays."""
+    def reload(self) -> Event:
+        """Apply the policy file again. An invalid policy is refused and the one in force stays.
+        Returns the policy_loaded or policy_rejected event."""
         try:
             policy = load_policy(self.policy_path)
         except PolicyError as e:
-            self._publish(Event(EventKind.POLICY_REJECTED, detail={
+            log.error("policy %s rejected; the previous policy stays in force:\n%s", self.policy_path, e)
+            return self._publish(Event(EventKind.POLICY_REJECTED, detail={
                 "path": str(self.policy_path), "problems": [str(p) for p in e.problems],
                 "in_force": self.policy.path if self.policy else None}))
-            log.error("policy %s rejected; the previous policy stays in force:\n%s", self.policy_path, e)
-            return False
         with self._lock:
-            self._apply(policy)
-        return True
+            return self._apply(policy)
+
+    # --- what the API reports ------------------------------------------------------------
+
+    def workload_members(self) -> list[tuple[RunningWorkload, list[int]]]:
+        """Each workload with the pids now in its cgroups."""
+        with self._lock:
+            return [(w, sorted({p for c in w.cgroup_dirs for p in cgroups.pids(c)})) for w in self.workloads.values()]
+
+    def kernel_figures(self) -> dict[str, Any]:
+        return {"records_lost": self.kernel.lost_records(), "features": self.kernel.features}
 
     # --- policy -> kernel ------------------------------------------------------------
 
-    def _apply(self, policy: Policy) -> None:
+    def _apply(self, policy: Policy) -> Event:
         wanted = {w.name: w for w in policy.workloads}
         for name in [n for n in self.workloads if n not in wanted]:
             self._retire(self.workloads.pop(name))
@@ -155,7 +164,7 @@ class Agent:
             self._enforce(spec)
         self.kernel.set_discovery(any(w.match.exe or w.match.cmdline for w in policy.workloads))
         self.policy = policy
-        self._publish(Event(EventKind.POLICY_LOADED, detail={
+        loaded = self._publish(Event(EventKind.POLICY_LOADED, detail={
             "path": policy.path, "notices": list(policy.notices),
             "workloads": {w.name: {"mode": w.mode, "on_violation": w.on_violation,
                                    "cgroups": [str(p) for p in self.workloads[w.name].cgroup_dirs]}
@@ -163,6 +172,7 @@ class Agent:
         for notice in policy.notices:
             log.warning("%s", notice)
         self._adopt_matching_processes()
+        return loaded
 
     def _free_index(self) -> int:
         used = {w.index for w in self.workloads.values()}

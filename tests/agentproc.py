@@ -4,9 +4,11 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -58,14 +60,28 @@ class AgentProcess:
         self.log = tmp / "agent.log"
         self.workloads = workloads
         self.process: subprocess.Popen | None = None
+        # Short and unique (a Unix socket path has at most 107 bytes; other agents run beside ours).
+        self.socket_dir = Path(tempfile.mkdtemp(prefix="ew-api-"))
+        self.socket = self.socket_dir / "agent.sock"
+        self.agent_args: list[str] = []  # extra `warden agent` options for the next start
 
     def start(self, timeout: float = 30.0) -> None:
         already = len(self.events())
         self.process = subprocess.Popen(
             [*WARDEN, "agent", "--policy", str(self.policy), "--events-file", str(self.events_file),
-             "--state-dir", str(self.state_dir), "--agent-id", "test-agent"],
+             "--state-dir", str(self.state_dir), "--agent-id", "test-agent", "--socket", str(self.socket),
+             *self.agent_args],
             cwd=REPO, stderr=open(self.log, "a"), stdout=subprocess.DEVNULL)
         self.wait_for(lambda e: e["kind"] == "agent_started", timeout=timeout, after=already)
+        self._wait_for_api(timeout)
+
+    def _wait_for_api(self, timeout: float) -> None:
+        """The API is served right after agent_started; an agent that cannot serve it exits."""
+        deadline = time.monotonic() + timeout
+        while not self.socket.is_socket():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"agent serves no API at {self.socket}:\n{self.log.read_text()}")
+            time.sleep(0.02)
 
     def events(self) -> list[dict[str, Any]]:
         if not self.events_file.exists():
@@ -101,6 +117,7 @@ class AgentProcess:
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
             self.process.wait()
+        shutil.rmtree(self.socket_dir, ignore_errors=True)
         parent = cgroups.warden_parent()
         for name in self.workloads:
             cgroup = parent / name

@@ -1,8 +1,11 @@
 """Publishes events: stamps seq, time and agent id, then hands each event to every sink
-in order (log file, actions, and later the spool)."""
+in order: the spool first, then the log file. Publishing is serialised, so every sink
+sees events in seq order, whichever thread (kernel loop, API call) publishes."""
 from __future__ import annotations
 
+import threading
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Callable, TextIO
 
@@ -17,16 +20,25 @@ class EventBus:
         self.agent_id = agent_id
         self._seq = SequenceAllocator(state_dir)
         self._sinks: list[Sink] = []
+        self._lock = threading.Lock()
+        self.counts: Counter[str] = Counter()  # events published per kind since the agent started
+
+    @property
+    def first_seq(self) -> int:
+        """The first seq this run hands out (the spool records what lies before it)."""
+        return self._seq.first
 
     def subscribe(self, sink: Sink) -> None:
         self._sinks.append(sink)
 
     def publish(self, event: Event) -> Event:
-        event.seq = self._seq.next()
-        event.time = time.time()
-        event.agent = self.agent_id
-        for sink in self._sinks:
-            sink(event)
+        with self._lock:
+            event.seq = self._seq.next()
+            event.time = time.time()
+            event.agent = self.agent_id
+            for sink in self._sinks:
+                sink(event)
+            self.counts[event.kind.value] += 1
         return event
 
 

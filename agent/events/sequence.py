@@ -14,6 +14,7 @@ class SequenceAllocator:
         self._block = block
         self._next = self._read_reserved() + 1
         self._reserved = self._next - 1
+        self.first = self._next  # the first seq this run hands out
 
     def _read_reserved(self) -> int:
         try:

@@ -198,6 +198,11 @@ class KernelPrograms:
         kernel keeps attached programs alive, which is what makes enforcement fail closed."""
         self._bpf.cleanup()
 
+    @property
+    def features(self) -> list[str]:
+        """The hooks loaded, by program name: what this kernel let the agent use."""
+        return [h.function for h in self._hooks] + ["ringbuf", "lpm_trie"]
+
     def lost_records(self) -> int:
         """Records the ring buffer had no room for since the programs were loaded."""
         return sum(self._bpf[b"lost_events"].getvalue(ctypes.c_int(0)))

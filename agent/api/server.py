@@ -1,0 +1,304 @@
+"""The agent's gRPC API: the whole of it on a Unix socket, the read-only part on TCP with
+mutual TLS (DESIGN.md, "gRPC"; proto/egress_warden/v1/agent.proto).
+
+WatchEvents streams from the spool by seq. A subscriber's stream is a cursor into SQLite,
+not a queue in the agent, so a slow or stalled subscriber costs a thread and a read
+connection, never memory that grows, and never slows enforcement or other subscribers."""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import grp
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import grpc
+
+import agent as agent_package
+from agent.api.convert import event_from_json, event_message
+from agent.api.gen.egress_warden.v1 import agent_pb2 as pb
+from agent.api.gen.egress_warden.v1 import agent_pb2_grpc as pb_grpc
+from agent.daemon import Agent, RunningWorkload
+from agent.events import Event, EventBus, EventKind
+from agent.events.process import describe_process
+from agent.events.spool import Filters, Spool, SpoolReader
+from agent.kernel.sockets import InetSocket, process_sockets
+from agent.policy import PolicyError, parse_policy
+
+log = logging.getLogger("egress_warden")
+
+MAX_REQUEST_BYTES = 1 << 20  # a policy text is the largest request; 1 MiB is plenty
+MAX_RESPONSE_BYTES = 16 << 20
+MAX_STREAMS = 48  # WatchEvents streams at once, per server; each holds one thread
+_WORKERS = MAX_STREAMS + 16  # so unary calls still find a thread when every stream is open
+_FOLLOW_WAKE_SECONDS = 1.0  # a follower re-checks that its client is still there this often
+_TCP_STATES = {1: "established", 2: "syn_sent", 3: "syn_recv", 4: "fin_wait1", 5: "fin_wait2", 6: "time_wait",
+               7: "close", 8: "close_wait", 9: "last_ack", 10: "listen", 11: "closing"}
+_KINDS = {k.value for k in EventKind}
+
+
+def _control(method: Callable) -> Callable:
+    """A call that changes enforcement: served on the Unix socket only."""
+
+    @functools.wraps(method)
+    def guarded(self: "AgentService", request, context: grpc.ServicerContext):
+        if not self.control:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                          f"{method.__name__} changes enforcement: it is served on the agent's Unix socket only")
+        return method(self, request, context)
+
+    return guarded
+
+
+def _workload_call(method: Callable) -> Callable:
+    """A call naming a workload: an unknown name is NOT_FOUND, not a crash."""
+
+    @functools.wraps(method)
+    def checked(self: "AgentService", request, context: grpc.ServicerContext):
+        try:
+            return method(self, request, context)
+        except KeyError as e:
+            context.abort(grpc.StatusCode.NOT_FOUND, str(e.args[0]) if e.args else "no such workload")
+
+    return checked
+
+
+class AgentService(pb_grpc.AgentServicer):
+    def __init__(self, agent: Agent, bus: EventBus, spool: Spool, *, started_at: float, control: bool) -> None:
+        self.agent = agent
+        self.bus = bus
+        self.spool = spool
+        self.started_at = started_at
+        self.control = control
+        self._streams = threading.BoundedSemaphore(MAX_STREAMS)
+
+    # --- read-only -----------------------------------------------------------------------
+
+    def GetStatus(self, request, context) -> pb.Status:
+        kernel = self.agent.kernel_figures()
+        return pb.Status(
+            agent=self.bus.agent_id, version=agent_package.__version__, started_at=self.started_at,
+            uptime_seconds=time.time() - self.started_at, kernel_features=kernel["features"],
+            policy_path=str(self.agent.policy_path), workloads=self._workloads(),
+            event_counts=dict(self.bus.counts), kernel_records_lost=kernel["records_lost"],
+            spool=pb.SpoolStatus(**dataclasses.asdict(self.spool.figures())))
+
+    def ListWorkloads(self, request, context) -> pb.ListWorkloadsResponse:
+        return pb.ListWorkloadsResponse(workloads=self._workloads())
+
+    def _workloads(self) -> list[pb.Workload]:
+        return [_workload_message(running, pids) for running, pids in self.agent.workload_members()]
+
+    @_workload_call
+    def ListProcesses(self, request, context) -> pb.ListProcessesResponse:
+        members = self.agent.workload_members()
+        if request.workload:
+            members = [(w, pids) for w, pids in members if w.spec.name == request.workload]
+            if not members:
+                raise KeyError(f"no workload named {request.workload!r} in the policy in force")
+        return pb.ListProcessesResponse(processes=[
+            _process_message(running.spec.name, pid) for running, pids in members for pid in pids])
+
+    def GetPolicy(self, request, context) -> pb.PolicyInForce:
+        policy = self.agent.policy
+        return pb.PolicyInForce(path=policy.path, notices=list(policy.notices),
+                                policy_json=json.dumps(dataclasses.asdict(policy), sort_keys=True))
+
+    def CheckPolicy(self, request, context) -> pb.CheckPolicyResponse:
+        try:
+            policy = parse_policy(request.text, request.name or "<request>")
+        except PolicyError as e:
+            return pb.CheckPolicyResponse(ok=False, problems=[
+                pb.PolicyProblem(file=p.path, line=p.line or 0, key=p.key, reason=p.reason) for p in e.problems])
+        return pb.CheckPolicyResponse(ok=True, notices=list(policy.notices),
+                                      workloads=[w.name for w in policy.workloads])
+
+    def WatchEvents(self, request, context) -> Iterator[pb.Event]:
+        unknown = sorted(set(request.kinds) - _KINDS)
+        if unknown:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"unknown event kind(s) {', '.join(unknown)}; kinds: {', '.join(sorted(_KINDS))}")
+        if not self._streams.acquire(blocking=False):
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"the agent already serves {MAX_STREAMS} event streams here; try again later")
+        try:
+            yield from self._stream(request, context)
+        finally:
+            self._streams.release()
+
+    def _stream(self, request, context) -> Iterator[pb.Event]:
+        filters = Filters(tuple(request.workloads), tuple(request.kinds), request.pid)
+        with self.spool.reader() as reader:
+            after = yield from self._start(request, reader, filters)
+            while context.is_active():
+                upto = self.spool.committed
+                rows = reader.after(after, filters, upto)
+                for seq, body in rows:
+                    yield event_from_json(body)
+                    after = seq
+                if rows and len(rows) == reader.page:
+                    continue
+                after = max(after, upto)  # everything up to `upto` has been read, matching or not
+                if not request.follow:
+                    return
+                self.spool.wait_beyond(after, _FOLLOW_WAKE_SECONDS)
+                if self.spool.closed:
+                    return
+
+    def _start(self, request, reader: SpoolReader, filters: Filters) -> Iterator[pb.Event]:
+        """The seq the stream continues after; a resume from before the oldest event held
+        first gets events_lost, whose seq is the last lost one."""
+        if request.since_seq or not (request.since_time or request.last):
+            lost, last_lost = reader.lost_after(request.since_seq)
+            if lost:
+                yield self._lost_event(lost, request.since_seq + 1, last_lost)
+                return last_lost
+            return request.since_seq
+        if request.since_time:
+            return reader.seq_before_time(request.since_time)
+        return reader.seq_before_last(request.last, filters)
+
+    def _lost_event(self, count: int, first: int, last: int) -> pb.Event:
+        event = Event(EventKind.EVENTS_LOST, detail={
+            "count": count, "first_seq": first, "last_seq": last,
+            "where": "spool bound (size or age): dropped before this subscriber read them"})
+        event.seq, event.time, event.agent = last, time.time(), self.bus.agent_id
+        return event_message(event)
+
+    # --- control -------------------------------------------------------------------------
+
+    @_control
+    def ReloadPolicy(self, request, context) -> pb.ReloadPolicyResponse:
+        event = self.agent.reload()
+        return pb.ReloadPolicyResponse(ok=event.kind == EventKind.POLICY_LOADED,
+                                       problems=event.detail.get("problems", []), event=event_message(event))
+
+    @_control
+    @_workload_call
+    def Quarantine(self, request, context) -> pb.ActionResponse:
+        return pb.ActionResponse(event=event_message(self.agent.quarantine(request.workload)))
+
+    @_control
+    @_workload_call
+    def Release(self, request, context) -> pb.ActionResponse:
+        return pb.ActionResponse(event=event_message(self.agent.release(request.workload)))
+
+    @_control
+    @_workload_call
+    def Kill(self, request, context) -> pb.ActionResponse:
+        return pb.ActionResponse(event=event_message(self.agent.kill(request.workload)))
+
+
+def _workload_message(running: RunningWorkload, pids: list[int]) -> pb.Workload:
+    spec = running.spec
+    return pb.Workload(
+        name=spec.name, mode=spec.mode, on_violation=spec.on_violation,
+        state="quarantined" if running.quarantined else "guarded",
+        cgroups=[str(c) for c in running.cgroup_dirs], processes=len(pids),
+        allow=[f"{r.kind} {r.value} {r.protocol}/{','.join(map(str, r.ports)) or 'any'}" for r in spec.allow])
+
+
+def _process_message(workload: str, pid: int) -> pb.Process:
+    """A process with the destinations its socket table names. Byte and packet counts
+    come from the kernel's counters; where the kernel does not count them they are 0."""
+    info = describe_process(pid)
+    try:
+        held = process_sockets(pid)
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        held = []
+    return pb.Process(
+        workload=workload, pid=pid, ppid=info.ppid or 0, uid=info.uid or 0, comm=info.comm or "",
+        exe=info.exe or "", cmdline=info.cmdline or [], start_time=info.start_time or 0.0,
+        destinations=[_destination_message(s) for s in held if s.connected])
+
+
+def _destination_message(sock: InetSocket) -> pb.ProcessDestination:
+    state = _TCP_STATES.get(sock.state, str(sock.state)) if sock.protocol_name == "tcp" else "connected"
+    return pb.ProcessDestination(ip=sock.remote_ip_unmapped, port=sock.remote_port, protocol=sock.protocol_name,
+                                 local_port=sock.local_port, state=state)
+
+
+# --- serving ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TlsFiles:
+    cert: Path
+    key: Path
+    client_ca: Path
+
+
+def _server() -> grpc.Server:
+    return grpc.server(
+        futures.ThreadPoolExecutor(max_workers=_WORKERS, thread_name_prefix="api"),
+        options=[("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
+                 ("grpc.max_send_message_length", MAX_RESPONSE_BYTES),
+                 # Find subscribers that vanished without closing their stream.
+                 ("grpc.keepalive_time_ms", 30_000), ("grpc.keepalive_timeout_ms", 10_000)],
+        maximum_concurrent_rpcs=_WORKERS)
+
+
+def _answers(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(path))
+            return True
+        except OSError:
+            return False
+
+
+class ApiServers:
+    """The Unix-socket server and, when asked for, the mTLS TCP server."""
+
+    def __init__(self, agent: Agent, bus: EventBus, spool: Spool, *, started_at: float) -> None:
+        self._service = functools.partial(AgentService, agent, bus, spool, started_at=started_at)
+        self._servers: list[grpc.Server] = []
+        self.socket: Path | None = None
+        self.tcp_port: int | None = None
+
+    def serve_unix(self, path: Path, group: str) -> None:
+        """Bind `path` with mode 0660, owner root and `group`. The umask makes the socket
+        0660 from the moment it exists: no instant where others could connect."""
+        gid = grp.getgrnam(group).gr_gid
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+        if path.is_socket():
+            if _answers(path):
+                raise OSError(f"{path}: another agent is serving this socket; give this one --socket")
+            path.unlink()  # left by an agent that died
+        server = _server()
+        pb_grpc.add_AgentServicer_to_server(self._service(control=True), server)
+        previous = os.umask(0o117)
+        try:
+            server.add_insecure_port(f"unix:{path}")
+        finally:
+            os.umask(previous)
+        os.chown(path, 0, gid)
+        os.chmod(path, 0o660)
+        server.start()
+        self._servers.append(server)
+        self.socket = path
+
+    def serve_tcp(self, address: str, tls: TlsFiles) -> None:
+        credentials = grpc.ssl_server_credentials(
+            [(tls.key.read_bytes(), tls.cert.read_bytes())], root_certificates=tls.client_ca.read_bytes(),
+            require_client_auth=True)
+        server = _server()
+        pb_grpc.add_AgentServicer_to_server(self._service(control=False), server)
+        self.tcp_port = server.add_secure_port(address, credentials)
+        if not self.tcp_port:
+            raise OSError(f"cannot listen on {address}")
+        server.start()
+        self._servers.append(server)
+
+    def stop(self) -> None:
+        for server in self._servers:
+            server.stop(grace=1.0).wait()
+        if self.socket is not None and self.socket.is_socket():
+            self.socket.unlink()
