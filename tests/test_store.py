@@ -76,6 +76,20 @@ def test_insert_is_idempotent_by_agent_and_seq(store):
     assert stored[0] == event("a1", 1)  # the whole event round-trips, unicode included
 
 
+def test_what_runs_before_the_commit_sees_only_new_rows_and_can_undo_the_insert(store):
+    store.insert(rows("a1", range(1, 6)))
+    seen = []
+    store.insert(rows("a1", range(1, 11)), before_commit=lambda new: seen.extend(r.seq for r in new))
+    assert seen == [6, 7, 8, 9, 10]
+
+    def disk_full(new):
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError):
+        store.insert(rows("a1", range(11, 21)), before_commit=disk_full)
+    assert store.resume_point("a1") == 10  # rolled back: the next session fetches them again
+
+
 def test_two_stores_on_one_database_store_each_event_once(store_url):
     """Two collectors writing the same overlapping batches at once: every event stored by exactly one."""
     first, second = open_store(store_url), open_store(store_url)

@@ -14,7 +14,7 @@ import psycopg
 
 from agent.collector import migrations
 from agent.collector.query import EventQuery, select_sql
-from agent.collector.rows import COLUMNS, EventRow
+from agent.collector.rows import COLUMNS, EventRow, NewRows
 
 # Any constant both collectors agree on: it serialises schema migrations across them.
 _MIGRATION_LOCK = 0x65775F6D  # "ew_m"
@@ -60,7 +60,7 @@ class PostgresStore:
                 self._connections.append(conn)
         return conn
 
-    def insert(self, rows: Iterable[EventRow]) -> list[EventRow]:
+    def insert(self, rows: Iterable[EventRow], before_commit: NewRows | None = None) -> list[EventRow]:
         """Stores the rows not stored yet, in one transaction; returns those that were new."""
         rows = list(rows)
         if not rows:
@@ -72,7 +72,10 @@ class PostgresStore:
                     copy.write_row(row)
             cursor.execute(_MOVE)
             stored = set(cursor.fetchall())
-        return [row for row in rows if (row.agent, row.seq) in stored]
+            new = [row for row in rows if (row.agent, row.seq) in stored]
+            if before_commit is not None and new:
+                before_commit(new)
+        return new
 
     def resume_point(self, agent: str) -> int:
         conn = self._connection()

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import json
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 COLUMNS = ("agent", "seq", "time", "kind", "workload", "pid", "body")
 
@@ -25,3 +25,8 @@ def row_from_event(event: dict[str, Any]) -> EventRow:
     return EventRow(event["agent"], event["seq"], float(event.get("time") or 0.0), str(event["kind"]),
                     event.get("workload"), process.get("pid"),
                     json.dumps(event, separators=(",", ":"), sort_keys=True))
+
+
+# Called with the rows an insert stored anew, inside its transaction, before the commit:
+# an exception there rolls the insert back.
+NewRows = Callable[[list[EventRow]], None]

@@ -59,12 +59,13 @@ class Collector:
         credentials = grpc.ssl_channel_credentials(
             root_certificates=tls.ca.read_bytes(), private_key=tls.key.read_bytes(),
             certificate_chain=tls.cert.read_bytes())
-        self.subscribers = [AgentSubscriber(target, self.store, credentials, self._stored)
+        self.subscribers = [AgentSubscriber(target, self.store, credentials, self._write_lines, self.rate.add)
                             for target in config.agents]
         self._http: ThreadingHTTPServer | None = None
 
-    def _stored(self, rows: list[EventRow]) -> None:
-        self.rate.add(len(rows))
+    def _write_lines(self, rows: list[EventRow]) -> None:
+        """JSON lines are written before the store commits: a collector killed in between
+        writes that batch again after its restart (at least once), never loses it."""
         if self.output is not None:
             self.output.write(rows)
 
@@ -72,8 +73,8 @@ class Collector:
         if self.config.listen:
             self._http = _health_server(self.config.listen, self)
             threading.Thread(target=self._http.serve_forever, name="collector-health", daemon=True).start()
-        log.info("collector: storing into %s from %d agent(s)%s", self.store.description, len(self.subscribers),
-                 f"; status at http://{self.config.listen}/status" if self._http else "")
+        where = "" if self._http is None else "; status at http://%s:%d/status" % self._http.server_address[:2]
+        log.info("collector: storing into %s from %d agent(s)%s", self.store.description, len(self.subscribers), where)
         for subscriber in self.subscribers:
             subscriber.start()
 

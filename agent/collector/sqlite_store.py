@@ -9,7 +9,7 @@ from typing import Any, Iterable
 
 from agent.collector import migrations
 from agent.collector.query import EventQuery, select_sql
-from agent.collector.rows import COLUMNS, EventRow
+from agent.collector.rows import COLUMNS, EventRow, NewRows
 
 _INSERT = (f"INSERT INTO events ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))}) "
            "ON CONFLICT (agent, seq) DO NOTHING")
@@ -36,7 +36,7 @@ class SqliteStore:
     def _transaction(self) -> "_Transaction":
         return _Transaction(self._conn)
 
-    def insert(self, rows: Iterable[EventRow]) -> list[EventRow]:
+    def insert(self, rows: Iterable[EventRow], before_commit: NewRows | None = None) -> list[EventRow]:
         """Stores the rows not stored yet, in one transaction; returns those that were new."""
         new = []
         with self._lock, self._transaction() as cursor:
@@ -44,6 +44,8 @@ class SqliteStore:
                 cursor.execute(_INSERT, row)
                 if cursor.rowcount == 1:
                     new.append(row)
+            if before_commit is not None and new:
+                before_commit(new)
         return new
 
     def resume_point(self, agent: str) -> int:

@@ -5,14 +5,15 @@ from pathlib import Path
 from typing import Any, Iterable, Protocol
 
 from agent.collector.query import EventQuery
-from agent.collector.rows import EventRow
+from agent.collector.rows import EventRow, NewRows
 
 
 class EventStore(Protocol):
     description: str
 
-    def insert(self, rows: Iterable[EventRow]) -> list[EventRow]:
-        """Stores rows idempotently by (agent, seq); returns the rows that were not stored before."""
+    def insert(self, rows: Iterable[EventRow], before_commit: NewRows | None = None) -> list[EventRow]:
+        """Stores rows idempotently by (agent, seq) in one transaction; returns the rows that were
+        not stored before, after handing them to `before_commit` (if given) inside the transaction."""
 
     def resume_point(self, agent: str) -> int:
         """The highest seq stored for `agent` (0 if none): read from the store, which several collectors may share."""

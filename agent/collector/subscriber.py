@@ -20,7 +20,7 @@ import grpc
 from agent.api.gen.egress_warden.v1 import agent_pb2 as pb
 from agent.api.gen.egress_warden.v1 import agent_pb2_grpc as pb_grpc
 from agent.collector.config import AgentTarget
-from agent.collector.rows import EventRow
+from agent.collector.rows import EventRow, NewRows
 from agent.collector.store import EventStore
 
 log = logging.getLogger("egress_warden.collector")
@@ -113,12 +113,13 @@ class _End:
 
 class AgentSubscriber:
     def __init__(self, target: AgentTarget, store: EventStore, credentials: grpc.ChannelCredentials,
-                 on_stored: Callable[[list[EventRow]], None], *, batch_max: int = 2000,
+                 before_commit: NewRows, on_stored: Callable[[int], None], *, batch_max: int = 2000,
                  batch_wait: float = 0.05) -> None:
         self.target = target
         self.state = AgentState(target.name, target.address)
         self._store = store
         self._credentials = credentials
+        self._before_commit = before_commit
         self._on_stored = on_stored
         self._batch_max = batch_max
         self._batch_wait = batch_wait
@@ -272,12 +273,11 @@ class AgentSubscriber:
         if strangers:
             raise ValueError(f"the agent said it is {agent_id!r} but sent events of {', '.join(sorted(strangers))}")
         try:
-            new = self._store.insert(rows)
+            new = self._store.insert(rows, self._before_commit)
         except Exception as e:  # noqa: BLE001 - any driver error is a store failure here
             raise StoreFailure(f"store {self._store.description}: insert failed: {e}") from e
         self.state.stored_seq = max(self.state.stored_seq, rows[-1].seq)
         self.state.latest_seq = max(self.state.latest_seq, rows[-1].seq)
         self.state.events_stored += len(new)
         self.state.events_duplicate += len(rows) - len(new)
-        if new:
-            self._on_stored(new)
+        self._on_stored(len(new))

@@ -11,7 +11,7 @@ the outcome as one JSON line ({"ok": true} or {"ok": false, "errno": N, "error":
     router.py hold HOST PORT                    connect, print {"connected": true}, then for each
                                                 line on stdin send that many bytes and print the outcome
     router.py probe HOST PORT --seconds S       try to connect every --interval seconds (default 5 ms)
-                                                for S seconds; count successes
+                                                for S seconds (or --count N times); count successes
     router.py escape CGROUP_PROCS               write its own pid into another cgroup, then sleep
 
 --wait: read one line from stdin before acting (lets a test act first).
@@ -112,10 +112,10 @@ def hold(host: str, port: int) -> None:
             report(**failure(e))
 
 
-def probe(host: str, port: int, seconds: float, interval: float) -> dict:
+def probe(host: str, port: int, seconds: float, interval: float, count: int | None) -> dict:
     connected = refused = 0
     deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and (count is None or connected + refused < count):
         outcome = tcp(host, port, 1, family_of(host))
         connected += outcome["ok"]
         refused += not outcome["ok"]
@@ -141,6 +141,7 @@ def main() -> None:
     parser.add_argument("--bytes", type=int, default=100)
     parser.add_argument("--seconds", type=float, default=1.0)
     parser.add_argument("--interval", type=float, default=0.005)
+    parser.add_argument("--count", type=int, help="probe: stop after this many attempts")
     parser.add_argument("--wait", action="store_true")
     parser.add_argument("--tag")
     a = parser.parse_args()
@@ -160,7 +161,7 @@ def main() -> None:
         "raw": raw,
         "fork-tcp": lambda: fork_tcp(a.host, a.port, a.bytes),
         "exec-tcp": lambda: exec_tcp(a.host, a.port, a.bytes),
-        "probe": lambda: probe(a.host, a.port, a.seconds, a.interval),
+        "probe": lambda: probe(a.host, a.port, a.seconds, a.interval, a.count),
     }[a.action]()
     report(pid=os.getpid(), **outcome)
 
