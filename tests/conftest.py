@@ -24,11 +24,16 @@ def lab():
 
 @pytest.fixture
 def start_agent(tmp_path):
-    """start_agent(policy_text, workloads=[names]) -> a started AgentProcess, cleaned up after."""
+    """start_agent(policy_text, workloads=[names], agent_args=[more `warden agent` options])
+    -> a started AgentProcess, cleaned up after."""
     started: list[AgentProcess] = []
 
-    def start(policy_text: str, workloads: list[str]) -> AgentProcess:
-        agent = AgentProcess(tmp_path, policy_text, workloads)
+    def start(policy_text: str, workloads: list[str], agent_args: list[str] = ()) -> AgentProcess:
+        # A second agent of the same test gets a directory of its own (policy, events, state).
+        home = tmp_path / f"agent-{len(started)}" if started else tmp_path
+        home.mkdir(exist_ok=True)
+        agent = AgentProcess(home, policy_text, workloads)
+        agent.agent_args = list(agent_args)
         started.append(agent)
         agent.start()
         return agent

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import click
 
+from agent.cli.client import output_option
+
 from agent.collector.config import (DEFAULT_LISTEN, DEFAULT_STORE, CollectorConfig, ConfigError, JsonLines,
                                     TlsFiles, agent_target, load_config)
 
@@ -104,7 +106,7 @@ def collector_command(ctx: click.Context, config_path: Path | None, **flags) -> 
 
 @collector_command.command("status")
 @click.option("--listen", default=DEFAULT_LISTEN, show_default=True, help="The collector's --listen address.")
-@click.option("-o", "output", type=click.Choice(["text", "json"]), default="text", show_default=True)
+@output_option
 def status_command(listen: str, output: str) -> None:
     """Show a running collector's agents: connected, lag in seq, last error; events/s in."""
     try:

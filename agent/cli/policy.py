@@ -6,12 +6,13 @@ import json
 
 import click
 
+from agent.cli.client import EXIT_CODES_HELP, EXIT_FAILED, Client, Target, echo_json, output_option, target_options
 from agent.policy import Policy, PolicyError, PolicyProblem, load_policy
 
 
 @click.group()
 def policy() -> None:
-    """Check policy files before the agent loads them.
+    """Check policy files before the agent loads them; make the agent reload its own.
 
     A policy says, per workload (one router deployment), which destinations
     it may reach and what happens on a violation. The format is described
@@ -83,3 +84,28 @@ def _json_report(path: str, loaded: Policy | None, problems: list[PolicyProblem]
         "notices": list(loaded.notices) if loaded else [],
     }
     return json.dumps(document, indent=2)
+
+
+@policy.command(epilog=EXIT_CODES_HELP)
+@target_options
+@output_option
+def reload(target: Target, output: str) -> None:
+    """Make the running agent load its policy file again (as SIGHUP does), and say how it went.
+
+    A policy that does not validate is refused with every problem listed, and
+    the policy in force stays. Check a draft first with `warden policy check`.
+    """
+    from agent.api.gen.egress_warden.v1 import agent_pb2 as pb
+
+    with Client(target) as client:
+        reply = client.call("ReloadPolicy", pb.ReloadPolicyRequest())
+    if output == "json":
+        echo_json({"ok": reply.ok, "problems": list(reply.problems), "event": json.loads(reply.event.json)})
+    elif reply.ok:
+        click.echo(f"reloaded: {json.loads(reply.event.detail_json)['path']} (event seq {reply.event.seq})")
+    else:
+        click.echo("refused; the policy in force stays:", err=True)
+        for problem in reply.problems:
+            click.echo(f"  {problem}", err=True)
+    if not reply.ok:
+        raise SystemExit(EXIT_FAILED)

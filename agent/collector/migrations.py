@@ -51,15 +51,22 @@ MIGRATIONS: tuple[Migration, ...] = (
 LATEST = MIGRATIONS[-1].version
 
 
-def migrate(cursor: Any, dialect: str, placeholder: str) -> list[int]:
-    """Brings the schema up to LATEST inside the caller's (locked) transaction; returns the versions applied."""
-    cursor.execute("CREATE TABLE IF NOT EXISTS schema_version ("
-                   "version INTEGER PRIMARY KEY, description TEXT NOT NULL, applied_at TEXT NOT NULL)")
+def migrate(cursor: Any, dialect: str, placeholder: str, apply: bool = True) -> list[int]:
+    """Brings the schema up to LATEST inside the caller's (locked) transaction; returns the versions
+    applied. With apply=False (a reader) it only checks that the schema is the one this code knows."""
+    if apply:
+        cursor.execute("CREATE TABLE IF NOT EXISTS schema_version ("
+                       "version INTEGER PRIMARY KEY, description TEXT NOT NULL, applied_at TEXT NOT NULL)")
     cursor.execute("SELECT max(version) FROM schema_version")
     current = cursor.fetchone()[0] or 0
     if current > LATEST:
         raise SchemaError(f"the store's schema is version {current}, newer than this collector knows "
                           f"({LATEST}): upgrade Egress Warden before writing to it")
+    if not apply:
+        if current < LATEST:
+            raise SchemaError(f"the store's schema is version {current}, older than this version of Egress "
+                              f"Warden reads ({LATEST}): run `warden collector` on it once to migrate it")
+        return []
     applied = []
     for migration in MIGRATIONS:
         if migration.version <= current:

@@ -30,13 +30,13 @@ _MOVE = (f"INSERT INTO events ({_COLUMN_LIST}) SELECT {_COLUMN_LIST.replace('bod
 class PostgresStore:
     """Thread-safe: each thread gets its own connection, made again after the server drops it."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, create: bool = True) -> None:
         self._url = url
         self.description = redact(url)
         self._local = threading.local()
         self._connections: list[psycopg.Connection] = []
         self._connections_lock = threading.Lock()
-        self.migrations_applied = self._migrate()
+        self.migrations_applied = self._migrate(create)
 
     def _connect(self) -> psycopg.Connection:
         try:
@@ -44,10 +44,13 @@ class PostgresStore:
         except psycopg.OperationalError as error:
             raise psycopg.OperationalError(f"{self.description}: {str(error).strip()}") from None
 
-    def _migrate(self) -> list[int]:
+    def _migrate(self, apply: bool) -> list[int]:
         with self._connect() as conn, conn.cursor() as cursor:
             cursor.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
-            return migrations.migrate(cursor, "postgres", "%s")
+            try:
+                return migrations.migrate(cursor, "postgres", "%s", apply)
+            except psycopg.errors.UndefinedTable:
+                raise migrations.SchemaError(f"{self.description}: no events store here (a collector creates it)") from None
 
     def _connection(self) -> psycopg.Connection:
         conn = getattr(self._local, "conn", None)

@@ -23,8 +23,12 @@ def row_from_event(event: dict[str, Any]) -> EventRow:
         raise ValueError(f"an event to store needs an agent and a positive seq: {event!r:.200}")
     process = event.get("process") or {}
     return EventRow(event["agent"], event["seq"], float(event.get("time") or 0.0), str(event["kind"]),
-                    event.get("workload"), process.get("pid"),
-                    json.dumps(event, separators=(",", ":"), sort_keys=True))
+                    event.get("workload"), process.get("pid"), event_json(event))
+
+
+def event_json(event: dict[str, Any]) -> str:
+    """An event dict as the agent writes it (Event.to_json): compact, keys sorted."""
+    return json.dumps(event, separators=(",", ":"), sort_keys=True)
 
 
 # Called with the rows an insert stored anew, inside its transaction, before the commit:

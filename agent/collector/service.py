@@ -59,7 +59,7 @@ class Collector:
         credentials = grpc.ssl_channel_credentials(
             root_certificates=tls.ca.read_bytes(), private_key=tls.key.read_bytes(),
             certificate_chain=tls.cert.read_bytes())
-        self.subscribers = [AgentSubscriber(target, self.store, credentials, self._write_lines, self.rate.add)
+        self.subscribers = [AgentSubscriber(target, self.store, tls, credentials, self._write_lines, self.rate.add)
                             for target in config.agents]
         self._http: ThreadingHTTPServer | None = None
 

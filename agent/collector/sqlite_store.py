@@ -18,20 +18,26 @@ _INSERT = (f"INSERT INTO events ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * 
 class SqliteStore:
     """Thread-safe: one connection behind a lock, since SQLite has one writer at a time anyway."""
 
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+    def __init__(self, path: Path, create: bool = True) -> None:
         self.description = f"sqlite:{path}"
+        if create:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        elif not path.is_file():
+            raise FileNotFoundError(f"{self.description}: no such store (a collector creates it)")
         self._lock = threading.Lock()
-        self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        # NORMAL in WAL mode loses at most the last commits on power loss, never consistency;
-        # the collector resumes from what is stored, so the agent's spool resends them.
-        self._conn.execute("PRAGMA synchronous=NORMAL")
-        self.migrations_applied = self._migrate()
+        try:
+            self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            # NORMAL in WAL mode loses at most the last commits on power loss, never consistency;
+            # the collector resumes from what is stored, so the agent's spool resends them.
+            self._conn.execute("PRAGMA synchronous=NORMAL")
+            self.migrations_applied = self._migrate(create)
+        except sqlite3.Error as e:
+            raise sqlite3.Error(f"{self.description}: {e}") from None
 
-    def _migrate(self) -> list[int]:
+    def _migrate(self, apply: bool) -> list[int]:
         with self._lock, self._transaction() as cursor:
-            return migrations.migrate(cursor, "sqlite", "?")
+            return migrations.migrate(cursor, "sqlite", "?", apply)
 
     def _transaction(self) -> "_Transaction":
         return _Transaction(self._conn)

@@ -26,12 +26,14 @@ class EventStore(Protocol):
     def close(self) -> None: ...
 
 
-def open_store(url: str) -> EventStore:
+def open_store(url: str, create: bool = True) -> EventStore:
+    """The store at `url`, its schema created or migrated; with create=False (a reader) an
+    absent or outdated store is refused instead."""
     if url.startswith(("postgresql://", "postgres://")):
         from agent.collector.postgres_store import PostgresStore
-        return PostgresStore(url)
+        return PostgresStore(url, create)
     if "://" in url and not url.startswith("sqlite://"):
         raise ValueError(f"store URL {url.split('://')[0]}://...: use a file path, sqlite:PATH or postgresql://...")
     from agent.collector.sqlite_store import SqliteStore
     path = url.removeprefix("sqlite://") if url.startswith("sqlite://") else url.removeprefix("sqlite:")
-    return SqliteStore(Path(path))
+    return SqliteStore(Path(path), create)

@@ -19,9 +19,10 @@ import grpc
 
 from agent.api.gen.egress_warden.v1 import agent_pb2 as pb
 from agent.api.gen.egress_warden.v1 import agent_pb2_grpc as pb_grpc
-from agent.collector.config import AgentTarget
+from agent.collector.config import AgentTarget, TlsFiles
 from agent.collector.rows import EventRow, NewRows
 from agent.collector.store import EventStore
+from agent.collector.tlsprobe import diagnose
 
 log = logging.getLogger("egress_warden.collector")
 
@@ -74,7 +75,11 @@ class AgentState:
         return {**{k: v for k, v in self.__dict__.items()}, "lag": self.lag}
 
 
-class StoreFailure(RuntimeError):
+class SessionFailure(RuntimeError):
+    """A failure already described in words; the session starts again after the backoff."""
+
+
+class StoreFailure(SessionFailure):
     pass
 
 
@@ -90,13 +95,6 @@ def describe_rpc_error(error: grpc.RpcError) -> str:
     """One line saying what went wrong, in the terms an operator fixes it in."""
     code = error.code()
     details = (error.details() or "").replace("\n", " ")
-    lowered = details.lower()
-    if any(s in lowered for s in ("unknown_ca", "unknown ca", "certificate_required", "bad_certificate",
-                                  "certificate required", "bad certificate", "access_denied")):
-        return (f"TLS refused by the agent: it does not trust this collector's client certificate "
-                f"(check --tls-cert/--tls-key against the agent's client CA) [{details}]")
-    if "ssl" in lowered or "handshake" in lowered or "certificate" in lowered or "tls" in lowered:
-        return f"TLS handshake failed (check --tls-ca and the agent's server name) [{details}]"
     if code == grpc.StatusCode.UNAVAILABLE:
         return f"unreachable: {details}"
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
@@ -112,12 +110,13 @@ class _End:
 
 
 class AgentSubscriber:
-    def __init__(self, target: AgentTarget, store: EventStore, credentials: grpc.ChannelCredentials,
+    def __init__(self, target: AgentTarget, store: EventStore, tls: TlsFiles, credentials: grpc.ChannelCredentials,
                  before_commit: NewRows, on_stored: Callable[[int], None], *, batch_max: int = 2000,
                  batch_wait: float = 0.05) -> None:
         self.target = target
         self.state = AgentState(target.name, target.address)
         self._store = store
+        self._tls = tls
         self._credentials = credentials
         self._before_commit = before_commit
         self._on_stored = on_stored
@@ -151,6 +150,8 @@ class AgentSubscriber:
             except StoreFailure as e:
                 self.state.store_errors += 1
                 error = str(e)
+            except SessionFailure as e:
+                error = str(e)
             except Exception as e:  # noqa: BLE001 - one agent's surprise must not end its subscription
                 log.exception("collector: agent %s: unexpected failure", self.target.name)
                 error = f"{type(e).__name__}: {e}"
@@ -179,7 +180,7 @@ class AgentSubscriber:
     def _session(self) -> None:
         with grpc.secure_channel(self.target.address, self._credentials, self._options()) as channel:
             stub = pb_grpc.AgentStub(channel)
-            status = stub.GetStatus(pb.GetStatusRequest(), timeout=_CONNECT_TIMEOUT)
+            status = self._connect(stub)
             since = self._resume_point(status.agent)
             self.state.agent_id = status.agent
             self.state.stored_seq = since
@@ -204,6 +205,17 @@ class AgentSubscriber:
                 stream.cancel()
                 reader.join(timeout=10)
                 self._stream = None
+
+    def _connect(self, stub: pb_grpc.AgentStub) -> pb.Status:
+        """The agent's status; when it cannot be had, an error that says why, TLS included."""
+        try:
+            return stub.GetStatus(pb.GetStatusRequest(), timeout=_CONNECT_TIMEOUT)
+        except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.UNAVAILABLE:
+                reason = diagnose(self.target.address, self._tls, self.target.server_name)
+                if reason:
+                    raise SessionFailure(reason) from e
+            raise
 
     def _resume_point(self, agent_id: str) -> int:
         try:

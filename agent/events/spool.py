@@ -134,13 +134,16 @@ class Spool:
     def _write_loop(self) -> None:
         next_prune = 0.0
         while True:
-            batch = [self._queue.get()]
-            while len(batch) < _BATCH and batch[-1] is not _STOP:
+            try:  # wake now and then even when idle: the age bound applies to a quiet agent too
+                batch = [self._queue.get(timeout=_PRUNE_EVERY_SECONDS)]
+            except queue.Empty:
+                batch = []
+            while batch and len(batch) < _BATCH and batch[-1] is not _STOP:
                 try:
                     batch.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
-            stopping = batch[-1] is _STOP
+            stopping = bool(batch) and batch[-1] is _STOP
             rows = batch[:-1] if stopping else batch
             if rows:
                 self._commit(rows)

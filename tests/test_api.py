@@ -1,0 +1,262 @@
+"""The gRPC API end to end: a real agent, real gRPC over its Unix socket and over mutual
+TLS, real kernel denials as the events (tests/netlab.py), certificates made here."""
+import grp
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+
+import grpc
+import pytest
+
+from agentproc import workload_policy, write_policy
+from apiclient import flood, free_port, pb, read_all, tls_stub, unix_stub, settle
+from certs import Authority
+from netlab import Lab
+
+pytestmark = pytest.mark.root
+
+
+def policy(name: str, on_violation: str = "deny") -> str:
+    return workload_policy(name, f"{{cidr: {Lab.PROVIDER4}/32, ports: [443], protocol: tcp}}",
+                           on_violation=on_violation)
+
+
+def hold_connection(lab, agent, workload):
+    """A router in `workload` holding an allowed connection to the provider; returns (process, pid)."""
+    router = lab.run_in_router(agent.router_cmd(workload, "hold", Lab.PROVIDER4, "443"),
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    hello = json.loads(router.stdout.readline())
+    assert hello["connected"], hello
+    return router, hello["pid"]
+
+
+def test_the_whole_api_on_the_unix_socket(lab, start_agent, names, tmp_path):
+    wl = names[0]
+    lab.serve(Lab.PROVIDER4, 443)
+    agent = start_agent(policy(wl), [wl])
+    assert os.stat(agent.socket).st_mode & 0o777 == 0o660
+    router, pid = hold_connection(lab, agent, wl)
+    with unix_stub(agent) as api:
+        status = api.GetStatus(pb.GetStatusRequest(), timeout=10)
+        assert status.agent == "test-agent" and status.uptime_seconds > 0
+        assert "ew_connect4" in status.kernel_features
+        assert [(w.name, w.mode, w.state, w.processes) for w in status.workloads] == [(wl, "enforce", "guarded", 1)]
+        assert status.event_counts["policy_loaded"] == 1 and status.spool.newest_seq >= 2
+
+        assert [w.name for w in api.ListWorkloads(pb.ListWorkloadsRequest(), timeout=10).workloads] == [wl]
+        [process] = api.ListProcesses(pb.ListProcessesRequest(workload=wl), timeout=10).processes
+        assert process.pid == pid and process.workload == wl and "hold" in process.cmdline
+        assert [(d.ip, d.port, d.protocol, d.state) for d in process.destinations] == \
+            [(Lab.PROVIDER4, 443, "tcp", "established")]
+
+        in_force = api.GetPolicy(pb.GetPolicyRequest(), timeout=10)
+        assert in_force.path == str(agent.policy) and json.loads(in_force.policy_json)["workloads"][0]["name"] == wl
+        checked = api.CheckPolicy(pb.CheckPolicyRequest(text="version: 1\nworkloads:\n  - name: Bad!\n"), timeout=10)
+        assert not checked.ok and checked.problems[0].line == 3 and "name" in checked.problems[0].key
+        assert api.CheckPolicy(pb.CheckPolicyRequest(text=policy("other")), timeout=10).workloads == ["other"]
+
+        quarantined = api.Quarantine(pb.WorkloadRequest(workload=wl), timeout=10).event
+        assert quarantined.kind == "action_quarantine" and json.loads(quarantined.detail_json)["frozen_pids"] == [pid]
+        assert api.ListWorkloads(pb.ListWorkloadsRequest(), timeout=10).workloads[0].state == "quarantined"
+        assert api.Release(pb.WorkloadRequest(workload=wl), timeout=10).event.kind == "action_release"
+        assert api.Kill(pb.WorkloadRequest(workload=wl), timeout=10).event.kind == "action_kill"
+        router.wait(timeout=10)
+        with pytest.raises(grpc.RpcError) as unknown:
+            api.Kill(pb.WorkloadRequest(workload="no-such"), timeout=10)
+        assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+
+        reloaded = api.ReloadPolicy(pb.ReloadPolicyRequest(), timeout=10)
+        assert reloaded.ok and reloaded.event.kind == "policy_loaded"
+        write_policy(agent.policy, "version: 1\nworkloads: nope\n")
+        refused = api.ReloadPolicy(pb.ReloadPolicyRequest(), timeout=10)
+        assert not refused.ok and refused.event.kind == "policy_rejected" and refused.problems
+
+        settle(agent)
+        every = read_all(api, since_seq=0)
+        assert [e.seq for e in every] == [e["seq"] for e in agent.events()][: len(every)]
+        assert [json.loads(e.json) for e in every] == agent.events()[: len(every)]
+        kills = read_all(api, since_seq=0, kinds=["action_kill"], workloads=[wl])
+        assert [e.kind for e in kills] == ["action_kill"]
+        assert {e.process.pid for e in read_all(api, since_seq=0, pid=pid)} == {pid}
+        assert [e.seq for e in read_all(api, last=2)] == [e.seq for e in every[-2:]]
+
+
+@pytest.fixture
+def pki(tmp_path):
+    return {"server_ca": Authority(tmp_path, "server-ca"), "client_ca": Authority(tmp_path, "client-ca"),
+            "rogue_ca": Authority(tmp_path, "rogue-ca")}
+
+
+def test_mtls_serves_read_only_calls_and_refuses_strangers(start_agent, names, tmp_path, pki):
+    wl = names[0]
+    server = pki["server_ca"].issue("agent-server", server=True)
+    port = free_port()
+    agent = start_agent(policy(wl), [wl], agent_args=[
+        "--listen", f"127.0.0.1:{port}", "--tls-cert", str(server.cert), "--tls-key", str(server.key),
+        "--tls-client-ca", str(pki["client_ca"].cert)])
+    collector = pki["client_ca"].issue("collector")
+    with tls_stub(port, pki["server_ca"].cert, collector) as api:
+        assert [w.name for w in api.GetStatus(pb.GetStatusRequest(), timeout=10).workloads] == [wl]
+        assert any(e.kind == "agent_started" for e in read_all(api, since_seq=0))
+        for call, request in (("Kill", pb.WorkloadRequest(workload=wl)), ("Quarantine", pb.WorkloadRequest(workload=wl)),
+                              ("Release", pb.WorkloadRequest(workload=wl)), ("ReloadPolicy", pb.ReloadPolicyRequest())):
+            with pytest.raises(grpc.RpcError) as refused:
+                getattr(api, call)(request, timeout=10)
+            assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED, call
+    assert not [e for e in agent.events() if e["kind"].startswith("action_")]
+
+    for stranger in (pki["rogue_ca"].issue("intruder"), None):  # signed by another CA; no certificate at all
+        with tls_stub(port, pki["server_ca"].cert, stranger) as api:
+            with pytest.raises(grpc.RpcError) as refused:
+                api.GetStatus(pb.GetStatusRequest(), timeout=5)
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE, stranger
+    with unix_stub(agent) as api:  # and the agent is none the worse for it
+        assert api.GetStatus(pb.GetStatusRequest(), timeout=10).agent == "test-agent"
+
+
+def test_malformed_and_oversized_requests_get_grpc_errors(start_agent, names):
+    wl = names[0]
+    agent = start_agent(policy(wl), [wl])
+    with grpc.insecure_channel(f"unix:{agent.socket}") as channel:
+        raw = channel.unary_unary("/egress_warden.v1.Agent/CheckPolicy")
+        with pytest.raises(grpc.RpcError) as garbage:
+            raw(b"\xff\xff\xff\xff\x0f", timeout=10)
+        assert garbage.value.code() == grpc.StatusCode.INTERNAL
+        with pytest.raises(grpc.RpcError) as unknown:
+            channel.unary_unary("/egress_warden.v1.Agent/Explode")(b"", timeout=10)
+        assert unknown.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    with unix_stub(agent) as api:
+        with pytest.raises(grpc.RpcError) as oversized:
+            api.CheckPolicy(pb.CheckPolicyRequest(text="#" * (2 << 20)), timeout=10)
+        assert oversized.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        with pytest.raises(grpc.RpcError) as bad_kind:
+            read_all(api, kinds=["egress_maybe"])
+        assert bad_kind.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        with pytest.raises(grpc.RpcError) as no_name:
+            api.Quarantine(pb.WorkloadRequest(), timeout=10)
+        assert no_name.value.code() == grpc.StatusCode.NOT_FOUND
+        assert api.GetStatus(pb.GetStatusRequest(), timeout=10).agent == "test-agent"
+    assert agent.process.poll() is None
+
+
+CONNECT_AS_NOBODY = """
+import os, socket, sys
+os.setgroups([]); os.setgid(65534); os.setuid(65534)
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+try:
+    s.connect(sys.argv[1])
+    print("connected")
+except OSError as e:
+    print(e.errno)
+"""
+
+
+@pytest.mark.parametrize("group,outcome", [("root", "13"), ("nogroup", "connected")])
+def test_only_root_and_the_socket_group_may_connect(start_agent, names, group, outcome):
+    """nobody (uid and gid 65534) is refused by the socket's mode 0660 unless the socket's
+    group is nobody's own: the second case proves the first fails for the mode, not the path."""
+    wl = names[0]
+    agent = start_agent(policy(wl), [wl], agent_args=["--socket-group", grp.getgrgid(65534).gr_name]
+                        if group == "nogroup" else [])
+    os.chmod(agent.socket_dir, 0o755)  # the directory may be searched by anyone; the socket decides
+    done = subprocess.run([sys.executable, "-c", CONNECT_AS_NOBODY, str(agent.socket)],
+                          capture_output=True, text=True, timeout=30)
+    assert done.stdout.strip() == outcome, done.stderr
+
+
+def test_a_subscriber_that_keeps_disconnecting_gets_every_event_once_in_order(lab, start_agent, names):
+    wl = names[0]
+    agent = start_agent(policy(wl), [wl])
+    router = flood(lab, agent, wl, seconds=4)
+    seen: list[int] = []
+    reconnects = 0
+    with unix_stub(agent) as api:
+        while router.poll() is None:
+            seen += take_some(api, seen[-1] if seen else 0, random.randint(1, 400))
+            reconnects += 1
+        settle(agent)
+        seen += [e.seq for e in read_all(api, since_seq=seen[-1])]
+    published = [e["seq"] for e in agent.events()]
+    denials = sum(e["kind"] == "egress_denied" for e in agent.events())
+    assert denials > 500 and reconnects > 5, (denials, reconnects)
+    assert seen == published
+
+
+def take_some(api, since: int, count: int) -> list[int]:
+    """Follow from `since`, read `count` events (or what comes within a second), hang up."""
+    stream = api.WatchEvents(pb.WatchEventsRequest(since_seq=since, follow=True), timeout=1.0)
+    got = []
+    try:
+        for event in stream:
+            got.append(event.seq)
+            if len(got) == count:
+                break
+    except grpc.RpcError as e:
+        assert e.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE), e
+    finally:
+        stream.cancel()
+    return got
+
+
+def test_resume_across_an_agent_killed_and_restarted(lab, start_agent, names):
+    wl = names[0]
+    agent = start_agent(policy(wl), [wl])
+    router = flood(lab, agent, wl, seconds=6)
+    seen: list[int] = []
+    with unix_stub(agent) as api:
+        while len(seen) < 300:
+            seen += take_some(api, seen[-1] if seen else 0, 100)
+    agent.kill9()  # in the middle of the flood: some published events may not be durable yet
+    agent.start()
+    with unix_stub(agent) as api:
+        while router.poll() is None:
+            seen += take_some(api, seen[-1], 200)
+        settle(agent)
+        seen += [e.seq for e in read_all(api, since_seq=seen[-1])]
+        spooled = [e.seq for e in read_all(api, since_seq=0)]
+    assert seen == spooled and len(seen) == len(set(seen))
+    published = agent.events()
+    # What the killed agent published but had not yet made durable lies in the seq range an
+    # events_lost event of the new agent names; everything else arrived exactly once.
+    gaps = [e["detail"] for e in published if e["kind"] == "events_lost" and e["detail"].get("at_most")]
+    missing = [e["seq"] for e in published if e["seq"] not in set(seen)]
+    assert all(any(g["first_seq"] <= s <= g["last_seq"] for g in gaps) for s in missing), (missing, gaps)
+    assert seen == sorted(seen) and seen[-1] == published[-1]["seq"]
+    assert sum(e["kind"] == "agent_started" for e in published) == 2
+
+
+def test_the_spool_bound_drops_the_oldest_and_a_resume_learns_how_many(lab, start_agent, names):
+    wl = names[0]
+    agent = start_agent(policy(wl), [wl], agent_args=["--spool-max-bytes", "40000"])
+    flood(lab, agent, wl, seconds=1.5).wait(timeout=30)
+    published = [e["seq"] for e in settle(agent)]
+    with unix_stub(agent) as api:
+        spool = api.GetStatus(pb.GetStatusRequest(), timeout=10).spool
+        assert 0 < spool.bytes <= 40000 and spool.dropped > 0
+        lost, *kept = read_all(api, since_seq=0)
+        assert lost.kind == "events_lost"
+        assert kept[0].seq == spool.oldest_seq and [e.seq for e in kept] == published[-len(kept):]
+        assert json.loads(lost.detail_json)["count"] == published.index(spool.oldest_seq) == spool.dropped
+        assert lost.seq == spool.oldest_seq - 1
+        middle = published[published.index(spool.oldest_seq) // 2]
+        lost_after_middle, first_kept = read_all(api, since_seq=middle)[:2]
+        assert json.loads(lost_after_middle.detail_json)["count"] == len([s for s in published if middle < s < spool.oldest_seq])
+        assert first_kept.seq == spool.oldest_seq
+        # Resuming from the events_lost event's own seq never repeats it.
+        assert read_all(api, since_seq=lost.seq)[0].seq == spool.oldest_seq
+
+
+def test_the_spool_forgets_events_older_than_its_age_bound(start_agent, names):
+    wl = names[0]
+    agent = start_agent(policy(wl), [wl], agent_args=["--spool-max-age", "1s"])
+    newest = settle(agent)[-1]["seq"]
+    with unix_stub(agent) as api:
+        deadline = time.monotonic() + 15
+        while api.GetStatus(pb.GetStatusRequest(), timeout=10).spool.events:
+            assert time.monotonic() < deadline, "the age bound never dropped anything"
+            time.sleep(0.2)
+        [lost] = read_all(api, since_seq=0)
+        assert lost.kind == "events_lost" and json.loads(lost.detail_json)["count"] == newest
