@@ -140,6 +140,8 @@ def test_every_event_stored_once_through_collector_and_agent_restarts(lab, start
     assert all(any(g["first_seq"] <= s <= g["last_seq"] for g in gaps) for s in missing_b), (missing_b, gaps)
 
     assert collector.stop() == 0
+    resumed = [int(line.rsplit(" ", 1)[1]) for line in collector.log.read_text().splitlines() if "resuming after seq" in line]
+    assert len(resumed) >= 8 and sum(seq > 0 for seq in resumed) >= 6, resumed  # restarts came mid-stream
     lines = json_lines(jsonl)
     assert set(lines) == {(agent_id, seq) for agent_id, seqs in truth.items() for seq in seqs}
     assert len(list(jsonl.parent.iterdir())) > 2  # it rotated

@@ -24,6 +24,9 @@ class Migration:
 # The primary key (agent, seq) makes inserts idempotent and answers both "the resume
 # point of an agent" (max seq) and queries by agent. Queries by workload and kind come
 # with a time window or order, so those indexes lead with the filter and end with time.
+# The body is the agent's JSON line as text, not JSONB: measured here, parsing it into
+# JSONB on insert costs a third of PostgreSQL's insert rate; `body::jsonb` in a query
+# still reaches inside.
 _INDEXES = (
     "CREATE INDEX events_time ON events (time)",
     "CREATE INDEX events_workload_time ON events (workload, time)",
@@ -42,7 +45,7 @@ MIGRATIONS: tuple[Migration, ...] = (
         postgres=(
             """CREATE TABLE events (
                  agent TEXT NOT NULL, seq BIGINT NOT NULL, time DOUBLE PRECISION NOT NULL,
-                 kind TEXT NOT NULL, workload TEXT, pid INTEGER, body JSONB NOT NULL,
+                 kind TEXT NOT NULL, workload TEXT, pid INTEGER, body TEXT NOT NULL,
                  PRIMARY KEY (agent, seq))""",
             *_INDEXES),
     ),

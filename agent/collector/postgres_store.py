@@ -7,6 +7,7 @@ moved in key order so two collectors inserting overlapping batches lock in the s
 order and never deadlock."""
 from __future__ import annotations
 
+import json
 import threading
 from typing import Any, Iterable
 
@@ -19,10 +20,9 @@ from agent.collector.rows import COLUMNS, EventRow, NewRows
 # Any constant both collectors agree on: it serialises schema migrations across them.
 _MIGRATION_LOCK = 0x65775F6D  # "ew_m"
 _COLUMN_LIST = ", ".join(COLUMNS)
-# The batch arrives as text and becomes JSONB once, on its way into `events`.
 _INCOMING = ("CREATE TEMP TABLE incoming (agent TEXT, seq BIGINT, time DOUBLE PRECISION, kind TEXT, "
              "workload TEXT, pid INTEGER, body TEXT) ON COMMIT DELETE ROWS")
-_MOVE = (f"INSERT INTO events ({_COLUMN_LIST}) SELECT {_COLUMN_LIST.replace('body', 'body::jsonb')} "
+_MOVE = (f"INSERT INTO events ({_COLUMN_LIST}) SELECT {_COLUMN_LIST} "
          "FROM incoming ORDER BY agent, seq "
          "ON CONFLICT (agent, seq) DO NOTHING RETURNING agent, seq")
 
@@ -90,7 +90,7 @@ class PostgresStore:
         sql, params = select_sql(query, "%s")
         conn = self._connection()
         with conn.transaction():
-            return [body for (body,) in conn.execute(sql, params)]
+            return [json.loads(body) for (body,) in conn.execute(sql, params)]
 
     def count(self) -> int:
         conn = self._connection()
