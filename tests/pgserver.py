@@ -50,16 +50,24 @@ class PostgresServer:
                           "--auth=trust", "-E", "UTF8", "--no-sync", "--no-instructions")
         for attempt in range(5):
             self.port = free_port()
-            options = [f"-p {self.port}", f"-k {self.dir}", "-c listen_addresses=127.0.0.1",
-                       *(f"-c {key}={value}" for key, value in self.settings.items())]
             try:
-                self._as_postgres(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-l", str(self.log),
-                                  "-o", " ".join(options), "-w", "-t", "60", "start")
-                return self
+                return self.resume()
             except RuntimeError:
                 if attempt == 4:
                     raise
         return self
+
+    def resume(self) -> "PostgresServer":
+        """Starts the server (again, after pause()) on its port."""
+        options = [f"-p {self.port}", f"-k {self.dir}", "-c listen_addresses=127.0.0.1",
+                   *(f"-c {key}={value}" for key, value in self.settings.items())]
+        self._as_postgres(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-l", str(self.log),
+                          "-o", " ".join(options), "-w", "-t", "60", "start")
+        return self
+
+    def pause(self) -> None:
+        """Stops the server, keeping its data: what clients see when the database goes down."""
+        self._as_postgres(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop")
 
     def url(self, database: str = "postgres") -> str:
         return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"

@@ -14,6 +14,7 @@ from apiclient import flood, free_port, read_all, settle, unix_stub
 from certs import Authority
 from collectorproc import CollectorProcess
 from netlab import Lab
+from pgserver import PostgresServer
 
 from agent.collector.query import EventQuery
 from agent.collector.store import open_store
@@ -214,3 +215,24 @@ def test_a_stuck_or_dead_agent_holds_up_no_other(lab, start_tls_agent, names, pk
                                capture_output=True, text=True, timeout=30).stdout
     live_row = [line.split() for line in table.splitlines() if line.startswith("live ")]
     assert live_row and live_row[0][3:6] == ["yes", str(truth["agent-a"][-1]), "0"], table
+
+
+def test_a_store_outage_is_reported_and_nothing_is_lost(lab, start_tls_agent, names, pki, tmp_path, collectors):
+    """PostgreSQL goes down while events flow and comes back: the collector counts store
+    errors, says so, and resumes from what the database really holds."""
+    agent, port = start_tls_agent("agent-a", names[0])
+    with PostgresServer() as postgres:
+        url = postgres.new_database()
+        collector = collectors(tmp_path / "collector", url, {"a": port}, pki["tls"])
+        router = flood(lab, agent, names[0], seconds=120, count=6000)
+        collector.wait_until(lambda s: s["events_stored"] > 0, timeout=60, what="a first stored event")
+        postgres.pause()
+        down = collector.wait_until(lambda s: s["store_errors"] > 0, timeout=60, what="a store error")
+        assert down["agents"][0]["last_error"].startswith(f"store {url}: ")  # no password in it to hide here
+        postgres.resume()
+        router.communicate(timeout=120)
+        truth = {"agent-a": spooled(agent)}
+        collector.wait_until(caught_up(truth), timeout=120, what="catch-up after the outage")
+        assert stored(url, "agent-a") == truth["agent-a"]
+        assert "warden_collector_store_errors_total" in collector.metrics()
+        assert collector.stop() == 0
