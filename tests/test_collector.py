@@ -236,3 +236,14 @@ def test_a_store_outage_is_reported_and_nothing_is_lost(lab, start_tls_agent, na
         assert stored(url, "agent-a") == truth["agent-a"]
         assert "warden_collector_store_errors_total" in collector.metrics()
         assert collector.stop() == 0
+
+
+def test_two_addresses_answering_to_one_agent_id_are_not_mixed(start_tls_agent, names, pki, tmp_path, collectors):
+    """Events are keyed by (agent id, seq): a second address claiming an id already collected is refused."""
+    agent, port = start_tls_agent("agent-a", names[0])
+    collector = collectors(tmp_path / "collector", str(tmp_path / "c.db"), {"one": port, "two": port}, pki["tls"])
+    status = collector.wait_until(lambda s: any(a["last_error"] for a in s["agents"]) and
+                                  any(a["connected"] for a in s["agents"]), timeout=30, what="one refused, one connected")
+    refused = [a for a in status["agents"] if a["last_error"]]
+    assert len(refused) == 1 and "it calls itself 'agent-a', as agent" in refused[0]["last_error"]
+    assert "give each agent its own --agent-id" in refused[0]["last_error"]

@@ -15,7 +15,7 @@ from agent.collector.config import CollectorConfig
 from agent.collector.jsonl import JsonLinesOutput
 from agent.collector.rows import EventRow
 from agent.collector.store import EventStore, open_store
-from agent.collector.subscriber import AgentSubscriber
+from agent.collector.subscriber import AgentIds, AgentSubscriber
 
 log = logging.getLogger("egress_warden.collector")
 
@@ -59,8 +59,9 @@ class Collector:
         credentials = grpc.ssl_channel_credentials(
             root_certificates=tls.ca.read_bytes(), private_key=tls.key.read_bytes(),
             certificate_chain=tls.cert.read_bytes())
-        self.subscribers = [AgentSubscriber(target, self.store, tls, credentials, self._write_lines, self.rate.add)
-                            for target in config.agents]
+        agent_ids = AgentIds()
+        self.subscribers = [AgentSubscriber(target, self.store, tls, credentials, agent_ids, self._write_lines,
+                                            self.rate.add) for target in config.agents]
         self._http: ThreadingHTTPServer | None = None
 
     def _write_lines(self, rows: list[EventRow]) -> None:

@@ -102,6 +102,22 @@ def describe_rpc_error(error: grpc.RpcError) -> str:
     return f"{code.name}: {details}"
 
 
+class AgentIds:
+    """Which configured agent answers to which agent id. Two addresses answering to one id
+    would share one resume point and skip each other's events: the second is refused."""
+
+    def __init__(self) -> None:
+        self._owners: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    def claim(self, agent_id: str, name: str) -> None:
+        with self._lock:
+            owner = self._owners.setdefault(agent_id, name)
+        if owner != name:
+            raise SessionFailure(f"it calls itself {agent_id!r}, as agent {owner} does: events are keyed by "
+                                 f"(agent id, seq), so give each agent its own --agent-id")
+
+
 class _End:
     """Put on the queue by the reader when the stream ends; carries the error, if any."""
 
@@ -111,13 +127,15 @@ class _End:
 
 class AgentSubscriber:
     def __init__(self, target: AgentTarget, store: EventStore, tls: TlsFiles, credentials: grpc.ChannelCredentials,
-                 before_commit: NewRows, on_stored: Callable[[int], None], *, batch_max: int = 2000,
+                 agent_ids: AgentIds, before_commit: NewRows, on_stored: Callable[[int], None], *,
+                 batch_max: int = 2000,
                  batch_wait: float = 0.05) -> None:
         self.target = target
         self.state = AgentState(target.name, target.address)
         self._store = store
         self._tls = tls
         self._credentials = credentials
+        self._agent_ids = agent_ids
         self._before_commit = before_commit
         self._on_stored = on_stored
         self._batch_max = batch_max
@@ -181,6 +199,7 @@ class AgentSubscriber:
         with grpc.secure_channel(self.target.address, self._credentials, self._options()) as channel:
             stub = pb_grpc.AgentStub(channel)
             status = self._connect(stub)
+            self._agent_ids.claim(status.agent, self.target.name)
             since = self._resume_point(status.agent)
             self.state.agent_id = status.agent
             self.state.stored_seq = since
