@@ -134,7 +134,10 @@ def test_every_event_stored_once_through_collector_and_agent_restarts(lab, start
     for agent_id, seqs in truth.items():
         assert stored(store_url, agent_id) == seqs, agent_id
     published_a = agent_a.events()
-    assert sum(e["kind"] == "egress_denied" for e in published_a) == EVENTS_PER_AGENT
+    denied = sum(e["kind"] == "egress_denied" for e in published_a)
+    kernel_lost = sum(e["detail"]["count"] for e in published_a
+                      if e["kind"] == "events_lost" and e["detail"].get("where") == "kernel ring buffer full")
+    assert denied <= EVENTS_PER_AGENT <= denied + kernel_lost  # a busy machine may overrun the ring buffer
     assert [e["seq"] for e in published_a] == truth["agent-a"]  # the agent that was not killed: all of it
     gaps = [e["detail"] for e in agent_b.events() if e["kind"] == "events_lost" and e["detail"].get("at_most")]
     missing_b = [e["seq"] for e in agent_b.events() if e["seq"] not in set(truth["agent-b"])]

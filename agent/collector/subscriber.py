@@ -12,7 +12,7 @@ import queue
 import random
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import grpc
@@ -72,7 +72,7 @@ class AgentState:
         return max(0, self.latest_seq - self.stored_seq)
 
     def as_dict(self) -> dict:
-        return {**{k: v for k, v in self.__dict__.items()}, "lag": self.lag}
+        return {**self.__dict__, "lag": self.lag}
 
 
 class SessionFailure(RuntimeError):
@@ -86,7 +86,7 @@ class StoreFailure(SessionFailure):
 def row_from_message(message: pb.Event) -> EventRow:
     """The row of a streamed event; `json` is the agent's own JSON line, stored as it is."""
     if not message.json:
-        raise ValueError(f"event seq {message.seq} from {message.agent!r} carries no JSON body")
+        raise SessionFailure(f"event seq {message.seq} from {message.agent!r} carries no JSON body")
     return EventRow(message.agent, message.seq, message.time, message.kind, message.workload or None,
                     message.process.pid if message.HasField("process") else None, message.json)
 
@@ -302,7 +302,7 @@ class AgentSubscriber:
         rows = [row_from_message(m) for m in batch]
         strangers = {r.agent for r in rows} - {agent_id}
         if strangers:
-            raise ValueError(f"the agent said it is {agent_id!r} but sent events of {', '.join(sorted(strangers))}")
+            raise SessionFailure(f"the agent said it is {agent_id!r} but sent events of {', '.join(sorted(strangers))}")
         try:
             new = self._store.insert(rows, self._before_commit)
         except Exception as e:  # noqa: BLE001 - any driver error is a store failure here
