@@ -20,6 +20,7 @@ import psutil
 from agent import actions, cgroups
 from agent.events import Destination, Event, EventBus, EventKind, ProcessInfo
 from agent.events.process import describe_process
+from agent.events.repeats import RepeatFolder
 from agent.kernel.loader import PORT_ANY, AllowEntry, KernelPrograms
 from agent.kernel.records import Kind, KernelRecord, Verdict
 from agent.kernel.sockets import InetSocket, destroy_socket, process_sockets
@@ -88,6 +89,7 @@ class Agent:
         self._reload_wanted = threading.Event()
         self._lost_reported = 0
         self._joined_by_agent: dict[int, str] = {}
+        self._repeats = RepeatFolder()
         self._cgroup_root = cgroups.cgroup2_root()
         self._never_adopt = {os.getpid(), *(p.pid for p in psutil.Process().parents())}
 
@@ -114,6 +116,7 @@ class Agent:
         next_check = 0.0
         while not self._stop.is_set():
             self.kernel.poll(100)
+            self._publish_repeats()
             if self._reload_wanted.is_set():
                 self._reload_wanted.clear()
                 self.reload()
@@ -122,11 +125,17 @@ class Agent:
                 with self._lock:
                     self._report_lost_records()
                     self._attach_new_unit_cgroups()
+        self._publish_repeats(everything=True)
         self._publish(Event(EventKind.AGENT_STOPPED, detail={
             "enforcement": "left attached: workloads stay enforced until the agent returns"}))
 
     def stop(self) -> None:
         self._stop.set()
+
+    def _publish_repeats(self, everything: bool = False) -> None:
+        with self._lock:
+            for summary in self._repeats.due(everything):
+                self._publish(summary)
 
     def request_reload(self) -> None:
         self._reload_wanted.set()
@@ -295,6 +304,10 @@ class Agent:
         running = self._workload_at(record.workload)
         if running is None:
             return
+        repeat = (record.workload, record.tgid, record.kind, record.verdict, record.address, record.dport,
+                  record.protocol, running.quarantined)
+        if self._repeats.absorb(repeat):
+            return
         pid = record.tgid or self._owner_of_socket(running, record)
         event = Event(
             EventKind.EGRESS_DENIED if record.verdict == Verdict.DENY else EventKind.EGRESS_OBSERVED,
@@ -305,6 +318,7 @@ class Agent:
             detail=self._verdict_detail(running, record, pid),
         )
         self._publish(event)
+        self._repeats.track(repeat, event)
         if record.verdict == Verdict.DENY and not running.quarantined:
             self._respond(running, event)
 
@@ -397,7 +411,8 @@ class Agent:
 
     def _respond(self, running: RunningWorkload, cause: Event) -> None:
         # Records still queued after a kill find the workload empty: nothing left to act on.
-        if running.spec.mode != "enforce" or not any(cgroups.pids(c) for c in running.cgroup_dirs):
+        if running.spec.on_violation == "deny" or running.spec.mode != "enforce" \
+                or not any(cgroups.pids(c) for c in running.cgroup_dirs):
             return
         if running.spec.on_violation == "kill":
             self.kill(running.spec.name, cause=cause)

@@ -89,9 +89,9 @@ def agent_command(policy_path: Path, events_file: Path | None, state_dir: Path, 
         sys.exit(1)
     api = ApiServers(agent, bus, spool, started_at=started_at)
     try:
-        api.serve_unix(socket_path, socket_group)
         if listen:
             api.serve_tcp(listen, tls)
+        api.serve_unix(socket_path, socket_group)  # last: once the socket exists, every server is up
     except (OSError, RuntimeError) as e:  # grpc says RuntimeError when it cannot bind
         api.stop()
         spool.close()

@@ -168,8 +168,7 @@ class Spool:
 
     def _prune(self) -> None:
         db = self._writer_db
-        cutoff = time.time() - self.max_age_seconds
-        upto = db.execute("SELECT max(seq) FROM events WHERE time < ?", (cutoff,)).fetchone()[0]
+        upto = self._seq_older_than(db, time.time() - self.max_age_seconds)
         if self._bytes > self.max_bytes:
             upto = max(upto or 0, self._seq_freeing(db, self._bytes - int(self.max_bytes * _PRUNE_TO)))
         if not upto:
@@ -186,6 +185,17 @@ class Spool:
         self._oldest = db.execute("SELECT coalesce(min(seq), 0) FROM events").fetchone()[0]
         log.info("spool: dropped %d event(s) up to seq %d (bound: %d bytes, %.0f s)",
                  count, upto, self.max_bytes, self.max_age_seconds)
+
+    @staticmethod
+    def _seq_older_than(db: sqlite3.Connection, cutoff: float) -> int:
+        """The last seq before the first event at or after `cutoff`. Events are in time order
+        by seq, so this reads only the events to drop, never the whole spool (the writer
+        commits nothing while it prunes)."""
+        oldest = db.execute("SELECT seq, time FROM events ORDER BY seq LIMIT 1").fetchone()
+        if oldest is None or oldest[1] >= cutoff:
+            return 0
+        first_kept = db.execute("SELECT seq FROM events WHERE time >= ? ORDER BY seq LIMIT 1", (cutoff,)).fetchone()
+        return first_kept[0] - 1 if first_kept else db.execute("SELECT max(seq) FROM events").fetchone()[0]
 
     @staticmethod
     def _seq_freeing(db: sqlite3.Connection, excess: int) -> int:

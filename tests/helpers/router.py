@@ -11,7 +11,9 @@ the outcome as one JSON line ({"ok": true} or {"ok": false, "errno": N, "error":
     router.py hold HOST PORT                    connect, print {"connected": true}, then for each
                                                 line on stdin send that many bytes and print the outcome
     router.py probe HOST PORT --seconds S       try to connect every --interval seconds (default 5 ms)
-                                                for S seconds (or --count N times); count successes
+                                                for S seconds (or --count N attempts); count successes.
+                                                --spread N: to ports PORT..PORT+N-1 in turn (distinct
+                                                destinations)
     router.py escape CGROUP_PROCS               write its own pid into another cgroup, then sleep
 
 --wait: read one line from stdin before acting (lets a test act first).
@@ -112,11 +114,12 @@ def hold(host: str, port: int) -> None:
             report(**failure(e))
 
 
-def probe(host: str, port: int, seconds: float, interval: float, count: int | None) -> dict:
-    connected = refused = 0
+def probe(host: str, port: int, seconds: float, interval: float, spread: int = 1, count: int | None = None) -> dict:
+    connected = refused = attempt = 0
     deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline and (count is None or connected + refused < count):
-        outcome = tcp(host, port, 1, family_of(host))
+    while time.monotonic() < deadline and (count is None or attempt < count):
+        outcome = tcp(host, port + attempt % spread, 1, family_of(host))
+        attempt += 1
         connected += outcome["ok"]
         refused += not outcome["ok"]
         time.sleep(interval)
@@ -141,6 +144,7 @@ def main() -> None:
     parser.add_argument("--bytes", type=int, default=100)
     parser.add_argument("--seconds", type=float, default=1.0)
     parser.add_argument("--interval", type=float, default=0.005)
+    parser.add_argument("--spread", type=int, default=1)
     parser.add_argument("--count", type=int, help="probe: stop after this many attempts")
     parser.add_argument("--wait", action="store_true")
     parser.add_argument("--tag")
@@ -161,7 +165,7 @@ def main() -> None:
         "raw": raw,
         "fork-tcp": lambda: fork_tcp(a.host, a.port, a.bytes),
         "exec-tcp": lambda: exec_tcp(a.host, a.port, a.bytes),
-        "probe": lambda: probe(a.host, a.port, a.seconds, a.interval, a.count),
+        "probe": lambda: probe(a.host, a.port, a.seconds, a.interval, a.spread, a.count),
     }[a.action]()
     report(pid=os.getpid(), **outcome)
 
