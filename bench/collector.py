@@ -10,8 +10,10 @@
    `warden collector` starts on an empty store and drains that backlog; the rate is
    events stored / time from its first stored event to its last (from its /status).
 3. For finding the bottleneck, in the same run: the agent's own stream rate (a bare
-   WatchEvents client that stores nothing) and each store's insert rate on its own
-   (batches of 2000 rows, no gRPC).
+   WatchEvents client that stores nothing), each store's insert rate on its own
+   (batches of 2000 rows, no gRPC), and what Python gRPC itself streams here: an
+   in-process server on loopback yielding one prebuilt Event per message, and the same
+   Events 100 to a message.
 
 A measurement, not a test: it exits 0 whether the target (>= 20,000 events/s into
 PostgreSQL) is met or not. With -o json the JSON goes to standard output.
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from concurrent import futures
 import signal
 import statistics
 import sys
@@ -30,6 +33,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "tests"), str(REPO)]
 
+import grpc  # noqa: E402
 from agent.collector.rows import EventRow  # noqa: E402
 from agent.collector.store import open_store  # noqa: E402
 from agentproc import AgentProcess, unique_name, workload_policy  # noqa: E402
@@ -79,6 +83,32 @@ def collector_rate(home: Path, store_url: str, port: int, tls: dict, newest_seq:
         collector.cleanup()
 
 
+def grpc_ceiling(events: int, per_message: int) -> float:
+    """Events/s Python gRPC streams on loopback with no work per event, `per_message` Events per message."""
+    event = pb.Event(seq=1, time=time.time(), agent="bench", kind="egress_denied", workload="bench",
+                     process=pb.ProcessInfo(pid=4242, comm="python3", cmdline=["python3", "router.py"]),
+                     destination=pb.Destination(ip=Lab.ATTACKER4, port=443, protocol="tcp"), json="{}" * 200)
+    message = event.SerializeToString() * per_message
+
+    def stream(request, context):
+        for _ in range(events // per_message):
+            yield message
+
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        "bench.Stream", {"Events": grpc.unary_stream_rpc_method_handler(stream)}),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            call = channel.unary_stream("/bench.Stream/Events")
+            began = time.perf_counter()
+            received = sum(per_message for _ in call(b""))
+            return received / (time.perf_counter() - began)
+    finally:
+        server.stop(0)
+
+
 def store_insert_rate(store_url: str, events: int) -> float:
     body = json.dumps({"agent": "bench-insert", "kind": "egress_denied", "detail": {}, "process": {"pid": 4242}})
     rows = [EventRow("bench-insert", seq, time.time(), "egress_denied", "bench", 4242, body)
@@ -107,10 +137,13 @@ def run(events: int, rounds: int, tmp: Path, lab: Lab, postgres: PostgresServer)
         with tls_stub(port, server_ca.cert, certs["client"]) as api:
             newest = api.GetStatus(pb.GetStatusRequest(), timeout=10).spool.newest_seq
         samples: dict[str, list[float]] = {"agent_stream": [], "sqlite": [], "postgres": [],
-                                           "sqlite_insert_only": [], "postgres_insert_only": []}
+                                           "sqlite_insert_only": [], "postgres_insert_only": [],
+                                           "grpc_1_per_message": [], "grpc_100_per_message": []}
         for round_number in range(rounds):
-            progress(f"round {round_number + 1}/{rounds}: the agent's bare stream ...")
+            progress(f"round {round_number + 1}/{rounds}: the agent's bare stream, and gRPC's own ...")
             samples["agent_stream"].append(raw_stream_rate(port, certs))
+            samples["grpc_1_per_message"].append(grpc_ceiling(events, 1))
+            samples["grpc_100_per_message"].append(grpc_ceiling(events, 100))
             for name in ("sqlite", "postgres"):
                 url = str(tmp / f"{name}-{round_number}.db") if name == "sqlite" else postgres.new_database()
                 progress(f"round {round_number + 1}/{rounds}: agent -> collector -> {name} ...")
@@ -134,7 +167,11 @@ def table(result: dict) -> str:
             ("SQLite inserts alone (batches of 2000)", f"{median['sqlite_insert_only']:,.0f}",
              _samples(result, "sqlite_insert_only")),
             ("PostgreSQL inserts alone (batches of 2000)", f"{median['postgres_insert_only']:,.0f}",
-             _samples(result, "postgres_insert_only"))]
+             _samples(result, "postgres_insert_only")),
+            ("Python gRPC, bare, 1 Event per message", f"{median['grpc_1_per_message']:,.0f}",
+             _samples(result, "grpc_1_per_message")),
+            ("Python gRPC, bare, 100 Events per message", f"{median['grpc_100_per_message']:,.0f}",
+             _samples(result, "grpc_100_per_message"))]
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
     met = "met" if median["postgres"] >= TARGET_POSTGRES else "missed"
