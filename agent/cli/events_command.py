@@ -56,7 +56,9 @@ def events_command(follow: bool, since: str | None, last: int, workloads: tuple[
     show = _json_line if output == "json" else _human_line
     if db or agent_id:
         from agent.collector.cli_query import print_from_store
-        print_from_store(db, agent_id, request, lambda event: click.echo(show(event)))
+        # A store holds many agents: the table says whose each event is (JSON lines carry it).
+        print_from_store(db, agent_id, request, lambda event: click.echo(
+            show(event) if output == "json" else f"{event.agent}  {show(event)}"))
         return
     with Client(target) as client:
         try:
