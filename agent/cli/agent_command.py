@@ -5,6 +5,7 @@ import grp
 import logging
 import signal
 import socket
+import sqlite3
 import sys
 import time
 from pathlib import Path
@@ -13,7 +14,7 @@ import click
 
 from agent.cli.values import Duration, Size
 from agent.events import Event, EventBus, EventKind, JsonLinesSink
-from agent.events.spool import Spool
+from agent.events.spool import SPOOL_FILE, Spool, SpoolAhead
 from agent.policy import PolicyError
 
 DEFAULT_STATE_DIR = Path("/var/lib/egress-warden")
@@ -69,7 +70,15 @@ def agent_command(policy_path: Path, events_file: Path | None, state_dir: Path, 
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     stream = open(events_file, "a", encoding="utf-8") if events_file else sys.stdout
     bus = EventBus(agent_id, state_dir)
-    spool = Spool(state_dir, first_seq=bus.first_seq, max_bytes=spool_max_bytes, max_age_seconds=spool_max_age)
+    try:
+        spool = Spool(state_dir, first_seq=bus.first_seq, max_bytes=spool_max_bytes, max_age_seconds=spool_max_age)
+    except sqlite3.Error as e:
+        click.echo(f"warden agent: cannot open the event spool {state_dir / SPOOL_FILE}: {e}; move it aside "
+                   "to start with an empty one (seq numbers continue)", err=True)
+        sys.exit(1)
+    except SpoolAhead as e:
+        click.echo(f"warden agent: {state_dir}: {e}", err=True)
+        sys.exit(1)
     bus.subscribe(spool.append)  # first: every event is queued for the spool before anyone acts on it
     bus.subscribe(JsonLinesSink(stream))
     if spool.crash_gap:

@@ -16,6 +16,7 @@ from google.protobuf.message import Message
 DEFAULT_SOCKET = "/run/egress-warden/agent.sock"
 SOCKET_ENV = "WARDEN_SOCKET"
 CALL_SECONDS = 15.0  # deadline of every call but an event stream
+MAX_REPLY_BYTES = 16 << 20  # as the agent's own send limit: a long `warden ps` fits
 
 EXIT_FAILED = 1
 EXIT_UNREACHABLE = 3
@@ -54,13 +55,14 @@ class Target:
         return self.server or f"unix:{self.socket}"
 
     def channel(self) -> grpc.Channel:
+        options = [("grpc.max_receive_message_length", MAX_REPLY_BYTES)]
         if not self.server:
-            return grpc.insecure_channel(f"unix:{self.socket}")
+            return grpc.insecure_channel(f"unix:{self.socket}", options=options)
         credentials = grpc.ssl_channel_credentials(
             root_certificates=self.tls_ca.read_bytes(),
             private_key=self.tls_key.read_bytes() if self.tls_key else None,
             certificate_chain=self.tls_cert.read_bytes() if self.tls_cert else None)
-        return grpc.secure_channel(self.server, credentials)
+        return grpc.secure_channel(self.server, credentials, options=options)
 
 
 def target_options(command: Callable) -> Callable:

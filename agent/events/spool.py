@@ -31,6 +31,7 @@ SPOOL_FILE = "events.db"
 _BATCH = 2048
 _QUEUE = 65536
 _PRUNE_EVERY_SECONDS = 1.0
+_RETRY_SECONDS = 1.0
 _PRUNE_TO = 0.9  # a size prune frees down to this share of max_bytes, so it runs seldom
 _STOP = None
 
@@ -80,6 +81,10 @@ class CrashGap:
     last: int
 
 
+class SpoolAhead(Exception):
+    """The spool holds seqs this run would hand out again."""
+
+
 def _connect(path: Path) -> sqlite3.Connection:
     db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
     db.execute("PRAGMA journal_mode=WAL")
@@ -98,6 +103,11 @@ class Spool:
         db = _connect(self.path)
         db.executescript(_SCHEMA)
         self._high = self._meta(db, "high_seq")
+        if first_seq <= self._high:
+            db.close()
+            raise SpoolAhead(f"the spool holds events up to seq {self._high} but this run would start at "
+                             f"seq {first_seq}: seq numbers would repeat (was the seq file removed? write "
+                             f"{self._high} into it to continue after the spool)")
         self.crash_gap = self._record_restart_gap(db, first_seq)
         self.committed = self._high
         self._count, self._bytes, self._oldest = db.execute(
@@ -146,12 +156,39 @@ class Spool:
             stopping = bool(batch) and batch[-1] is _STOP
             rows = batch[:-1] if stopping else batch
             if rows:
-                self._commit(rows)
+                self._commit_until_it_works(rows)
             if time.monotonic() >= next_prune or self._bytes > self.max_bytes:
                 next_prune = time.monotonic() + _PRUNE_EVERY_SECONDS
-                self._prune()
+                try:
+                    self._prune()
+                except sqlite3.Error as e:
+                    self._rollback()
+                    log.error("spool %s: cannot drop old events: %s", self.path, e)
             if stopping:
                 return
+
+    def _commit_until_it_works(self, rows: list[tuple]) -> None:
+        """A full or failing disk must not lose events: the batch is retried, and meanwhile
+        the bounded queue fills and holds the agent's event loop back (the kernel keeps
+        enforcing; what its ring buffer cannot hold is counted and reported as events_lost)."""
+        failures = 0
+        while True:
+            try:
+                self._commit(rows)
+                if failures:
+                    log.warning("spool %s: writing again after %d failed attempt(s)", self.path, failures)
+                return
+            except sqlite3.Error as e:
+                self._rollback()
+                if not failures:
+                    log.error("spool %s: cannot write events (%s); retrying every %.0f s", self.path, e,
+                              _RETRY_SECONDS)
+                failures += 1
+                time.sleep(_RETRY_SECONDS)
+
+    def _rollback(self) -> None:
+        if self._writer_db.in_transaction:
+            self._writer_db.execute("ROLLBACK")
 
     def _commit(self, rows: list[tuple]) -> None:
         db = self._writer_db
