@@ -53,14 +53,18 @@ class PostgresStore:
                 raise migrations.SchemaError(f"{self.description}: no events store here (a collector creates it)") from None
 
     def _connection(self) -> psycopg.Connection:
-        conn = getattr(self._local, "conn", None)
-        if conn is None or conn.closed or conn.broken:
-            conn = self._connect()
-            conn.execute(_INCOMING)
-            conn.commit()
-            self._local.conn = conn
-            with self._connections_lock:
-                self._connections.append(conn)
+        old = getattr(self._local, "conn", None)
+        if old is not None and not old.closed and not old.broken:
+            return old
+        conn = self._connect()
+        conn.execute(_INCOMING)
+        conn.commit()
+        self._local.conn = conn
+        with self._connections_lock:
+            if old is not None:
+                self._connections.remove(old)
+                old.close()
+            self._connections.append(conn)
         return conn
 
     def insert(self, rows: Iterable[EventRow], before_commit: NewRows | None = None) -> list[EventRow]:
