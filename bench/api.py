@@ -11,7 +11,7 @@
 2. latency: a router makes one denied connect every 10 ms, each to its own port, and
    prints the time just before it; the subscriber notes when that port's event arrives.
 
-All traffic stays inside the two namespaces of a tests/netlab.py Lab (DESIGN.md,
+All traffic stays inside the two namespaces of a agent/lab/network.py Lab (DESIGN.md,
 "Testing rules"). A measurement, not a test: it exits 0 whether targets are met or not.
 With -o json the JSON goes to standard output and the table to standard error.
 """
@@ -36,7 +36,7 @@ sys.path[:0] = [str(REPO / "tests"), str(REPO)]
 import grpc  # noqa: E402
 from agentproc import AgentProcess, unique_name, workload_policy  # noqa: E402
 from apiclient import pb, unix_stub  # noqa: E402
-from netlab import Lab  # noqa: E402
+from agent.lab.network import Lab  # noqa: E402
 
 TARGET_RATE = 30_000
 TARGET_P99_MS = 10.0

@@ -40,12 +40,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def flood(lab: Lab, agent: AgentProcess, workload: str, seconds: float) -> subprocess.Popen:
-    """A router in `workload` making denied connects to the lab's attacker as fast as it can:
-    every attempt is a real kernel denial and, each to its own port (so no two are folded
-    into one event), one egress_denied event."""
+def flood(lab: Lab, agent: AgentProcess, workload: str, seconds: float, count: int | None = None) -> subprocess.Popen:
+    """A router in `workload` making denied connects to the lab's attacker as fast as it can
+    (for `seconds`, or until `count` attempts): every attempt is a real kernel denial and,
+    each to its own port (so no two are folded into one event), one egress_denied event."""
+    limit = ["--count", str(count)] if count is not None else []
     return lab.run_in_router(agent.router_cmd(workload, "probe", Lab.ATTACKER4, "20000", "--seconds", str(seconds),
-                                              "--interval", "0", "--spread", "40000"),
+                                              "--interval", "0", "--spread", "40000", *limit),
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

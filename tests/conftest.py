@@ -5,6 +5,7 @@ import pytest
 
 from agentproc import AgentProcess, unique_name
 from agent.lab.network import Lab
+from pgserver import PostgresServer
 
 
 def pytest_collection_modifyitems(config, items):
@@ -28,7 +29,10 @@ def start_agent(tmp_path):
     started: list[AgentProcess] = []
 
     def start(policy_text: str, workloads: list[str], agent_args: list[str] = (), **options) -> AgentProcess:
-        agent = AgentProcess(tmp_path, policy_text, workloads)
+        # A second agent of the same test gets a directory of its own (policy, events, state).
+        home = tmp_path / f"agent-{len(started)}" if started else tmp_path
+        home.mkdir(exist_ok=True)
+        agent = AgentProcess(home, policy_text, workloads)
         agent.agent_args = list(agent_args)
         started.append(agent)
         agent.start(**options)
@@ -42,3 +46,18 @@ def start_agent(tmp_path):
 @pytest.fixture
 def names():
     return [unique_name("wa"), unique_name("wb")]
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """One throwaway PostgreSQL server for the session (initdb takes seconds); tests get their own database."""
+    if os.geteuid() != 0:
+        pytest.skip("the PostgreSQL server runs as the postgres user, which only root can switch to")
+    with PostgresServer() as server:
+        yield server
+
+
+@pytest.fixture
+def postgres_url(postgres_server):
+    """A URL to a fresh, empty database on the session's PostgreSQL server."""
+    return postgres_server.new_database()

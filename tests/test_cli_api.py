@@ -12,7 +12,7 @@ from agent.cli import main
 from agentproc import REPO, WARDEN, workload_policy, write_policy
 from apiclient import free_port, settle
 from certs import Authority
-from netlab import Lab
+from agent.lab.network import Lab
 
 pytestmark = pytest.mark.root
 

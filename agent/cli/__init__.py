@@ -1,6 +1,7 @@
 import click
 
 from agent.cli.agent_command import agent_command
+from agent.cli.collector_command import collector_command
 from agent.cli.control_command import kill_command, quarantine_command, release_command
 from agent.cli.demo_command import demo_command
 from agent.cli.detach_command import detach_command
@@ -21,6 +22,7 @@ def main() -> None:
       run         start a router inside its workload, guarded from the first instruction
       policy      check policy files before the agent loads them; make the agent reload
       detach      end enforcement on purpose (uninstall)
+      collector   collect many agents' events into SQLite or PostgreSQL, each once
       demo        watch it stop a compromised router, in throwaway namespaces (a minute)
     \b
     Asking a running agent (its Unix socket, --socket or $WARDEN_SOCKET; or
@@ -47,5 +49,5 @@ main.add_command(policy)
 main.add_command(detach_command)
 main.add_command(demo_command)
 for command in (status_command, workloads_command, ps_command, events_command, quarantine_command,
-                release_command, kill_command):
+                release_command, kill_command, collector_command):
     main.add_command(command)

@@ -21,10 +21,13 @@ from agent.events import EventKind
 @click.option("--kind", "kinds", multiple=True, metavar="KIND", type=click.Choice([k.value for k in EventKind]),
               help=f"Only events of this kind (repeatable): {', '.join(k.value for k in EventKind)}.")
 @click.option("--pid", type=click.IntRange(min=1), help="Only events about this process.")
+@click.option("--db", metavar="STORE", help="Read a collector's store instead of an agent: a SQLite file "
+                                            "or postgresql://USER@HOST/DB (the same filters apply).")
+@click.option("--agent", "agent_id", metavar="ID", help="With --db: only events of this agent (its agent id).")
 @target_options
 @output_option
 def events_command(follow: bool, since: str | None, last: int, workloads: tuple[str, ...], kinds: tuple[str, ...],
-                   pid: int | None, target: Target, output: str) -> None:
+                   pid: int | None, db: str | None, agent_id: str | None, target: Target, output: str) -> None:
     """The agent's events, oldest first, from its durable spool.
 
     With -o json each event is one JSON line, exactly as the agent writes it; a
@@ -36,6 +39,7 @@ def events_command(follow: bool, since: str | None, last: int, workloads: tuple[
     Examples:
       warden events -f --workload litellm --kind egress_denied
       warden events --since 15m -o json | jq .destination
+      warden events --db postgresql://ew@db/events --agent host-7 --kind egress_denied
     """
     from agent.api.gen.egress_warden.v1 import agent_pb2 as pb
 
@@ -50,6 +54,12 @@ def events_command(follow: bool, since: str | None, last: int, workloads: tuple[
         except ValueError as e:
             raise click.BadParameter(str(e), param_hint="--since") from None
     show = _json_line if output == "json" else human_line
+    if db or agent_id:
+        from agent.collector.cli_query import print_from_store
+        # A store holds many agents: the table says whose each event is (JSON lines carry it).
+        print_from_store(db, agent_id, request, lambda event: click.echo(
+            show(event) if output == "json" else f"{event.agent}  {show(event)}"))
+        return
     with Client(target) as client:
         try:
             for event in client.stream("WatchEvents", request):

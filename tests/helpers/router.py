@@ -11,8 +11,9 @@ the outcome as one JSON line ({"ok": true} or {"ok": false, "errno": N, "error":
     router.py hold HOST PORT                    connect, print {"connected": true}, then for each
                                                 line on stdin send that many bytes and print the outcome
     router.py probe HOST PORT --seconds S       try to connect every --interval seconds (default 5 ms)
-                                                for S seconds; count successes. --spread N: to ports
-                                                PORT..PORT+N-1 in turn (distinct destinations)
+                                                for S seconds (or --count N attempts); count successes.
+                                                --spread N: to ports PORT..PORT+N-1 in turn (distinct
+                                                destinations)
     router.py escape CGROUP_PROCS               write its own pid into another cgroup, then sleep
     router.py resolve NAME [--count N]          getaddrinfo (glibc's resolver) N times; the last addresses
     router.py resolve-connect NAME PORT --count N   N times: getaddrinfo, connect to the answer, send 1 byte
@@ -120,10 +121,10 @@ def hold(host: str, port: int) -> None:
             report(**failure(e))
 
 
-def probe(host: str, port: int, seconds: float, interval: float, spread: int = 1) -> dict:
+def probe(host: str, port: int, seconds: float, interval: float, spread: int = 1, count: int | None = None) -> dict:
     connected = refused = attempt = 0
     deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and (count is None or attempt < count):
         outcome = tcp(host, port + attempt % spread, 1, family_of(host))
         attempt += 1
         connected += outcome["ok"]
@@ -211,9 +212,10 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=1.0)
     parser.add_argument("--interval", type=float, default=0.005)
     parser.add_argument("--spread", type=int, default=1)
+    parser.add_argument("--count", type=int, help="probe: stop after this many attempts; resolve, dns: "
+                        "how many (default 1)")
     parser.add_argument("--wait", action="store_true")
     parser.add_argument("--tag")
-    parser.add_argument("--count", type=int, default=1)
     parser.add_argument("--qtype", type=int, default=1, help="1 = A, 28 = AAAA")
     parser.add_argument("--tcp", action="store_true")
     parser.add_argument("name", nargs="?")
@@ -234,10 +236,10 @@ def main() -> None:
         "raw": raw,
         "fork-tcp": lambda: fork_tcp(a.host, a.port, a.bytes),
         "exec-tcp": lambda: exec_tcp(a.host, a.port, a.bytes),
-        "probe": lambda: probe(a.host, a.port, a.seconds, a.interval, a.spread),
-        "resolve": lambda: resolve(a.host, a.count),
-        "resolve-connect": lambda: resolve_connect(a.host, a.port, a.count),
-        "dns": lambda: dns(a.host, a.port, a.name, a.qtype, a.tcp, a.count),
+        "probe": lambda: probe(a.host, a.port, a.seconds, a.interval, a.spread, a.count),
+        "resolve": lambda: resolve(a.host, a.count or 1),
+        "resolve-connect": lambda: resolve_connect(a.host, a.port, a.count or 1),
+        "dns": lambda: dns(a.host, a.port, a.name, a.qtype, a.tcp, a.count or 1),
     }[a.action]()
     report(pid=os.getpid(), **outcome)
 
