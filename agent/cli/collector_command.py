@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 
 from agent.cli.client import output_option
+from agent.cli.sdnotify import notify
 
 from agent.collector.config import (DEFAULT_LISTEN, DEFAULT_STORE, CollectorConfig, ConfigError, JsonLines,
                                     TlsFiles, agent_target, load_config)
@@ -53,7 +54,7 @@ def _flags_over(config: CollectorConfig, flags: dict) -> CollectorConfig:
 @click.option("--store", help=f"Where events go: a file path (SQLite) or postgresql://USER@HOST/DB "
                               f"[default: {DEFAULT_STORE}]. The password belongs in ~/.pgpass or PGPASSWORD.")
 @click.option("--agent", "agents", multiple=True, metavar="NAME=HOST:PORT",
-              help="An agent to collect from (its --tls-listen address); repeat for more. Adds to the file's list.")
+              help="An agent to collect from (its --listen address); repeat for more. Adds to the file's list.")
 @click.option("--tls-ca", type=_PATH, help="CA certificate that signed the agents' server certificates.")
 @click.option("--tls-cert", type=_PATH, help="This collector's client certificate (the agents must trust its CA).")
 @click.option("--tls-key", type=_PATH, help="The client certificate's private key.")
@@ -76,7 +77,7 @@ def collector_command(ctx: click.Context, config_path: Path | None, **flags) -> 
         - {name: inference-1, address: 10.0.0.11:7443}
         - {name: inference-2, address: 10.0.0.12:7443, server_name: inference-2.internal}
       jsonl: {path: /var/log/egress-warden/events.jsonl, max_bytes: 100MB, keep: 5}
-      listen: 127.0.0.1:9464
+      listen: 127.0.0.1:9465
     \b
     Health: `warden collector status`, or scrape http://LISTEN/metrics.
     Query the store: `warden events --db STORE [filters]`.
@@ -100,7 +101,9 @@ def collector_command(ctx: click.Context, config_path: Path | None, **flags) -> 
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     signal.signal(signal.SIGINT, lambda *_: stopping.set())
+    notify(f"READY=1\nSTATUS=collecting from {len(config.agents)} agent(s)")
     stopping.wait()
+    notify("STOPPING=1")
     collector.stop()
 
 

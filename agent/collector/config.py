@@ -7,13 +7,13 @@
       key: /etc/egress-warden/collector.key
     agents:
       - name: inference-1                    # a label for status and logs
-        address: 10.0.0.11:7443              # the agent's --tls-listen address
+        address: 10.0.0.11:7443              # the agent's --listen address
         server_name: inference-1.internal    # optional: the name its certificate carries
     jsonl:                                   # optional JSON lines for a SIEM shipper
       path: /var/log/egress-warden/events.jsonl   # or "-" for stdout
       max_bytes: 100MB                       # rotate beyond this size (0: never)
       keep: 5                                # rotated files kept
-    listen: 127.0.0.1:9464                   # /metrics (Prometheus) and /status
+    listen: 127.0.0.1:9465                   # /metrics (Prometheus) and /status
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ import yaml
 from agent.policy.values import size
 
 DEFAULT_STORE = "/var/lib/egress-warden/collector.db"
-DEFAULT_LISTEN = "127.0.0.1:9464"
+DEFAULT_LISTEN = "127.0.0.1:9465"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 
 

@@ -139,6 +139,10 @@ def map_lookup(map_id: int, key: bytes, value_size: int) -> bytes | None:
         except FileNotFoundError:
             return None
         return value.raw
+    finally:
+        os.close(fd)
+
+
 @dataclass(frozen=True)
 class MapLayout:
     type: int
