@@ -322,3 +322,20 @@ def test_a_restarted_agent_answers_again(lab, start_agent, dns_server):
     assert len(dns_server.queried_names()) == before
     agent.start()
     assert query(lab, agent, wl, "api.provider.test")["rcodes"] == {"0": 1}
+
+
+def test_exact_names_are_resolved_ahead_of_time(lab, start_agent, dns_server):
+    wl = unique_name("dns")
+    provider = lab.serve(Lab.PROVIDER4, 443)
+    agent = start_agent(dns_policy(wl), [wl])
+    # A router that never asks the proxy (as one resolving through nscd would not).
+    anchor = lab.run_in_router(agent.run_cmd(wl, ["sleep", "300"]))
+    agent.wait_for(lambda e: e["kind"] == "process_joined" and e["process"]["pid"] == anchor.pid)
+    deadline = time.monotonic() + 10
+    while "api.provider.test" not in dns_server.queried_names() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "api.provider.test" in dns_server.queried_names()
+    assert "eastus.azure.test" not in dns_server.queried_names()  # wildcards cannot be
+    time.sleep(0.5)  # the answer is written into the allow map as it arrives
+    assert run(lab, agent, wl, "tcp", Lab.PROVIDER4, "443")["ok"]
+    assert provider.wait_for_bytes(100)

@@ -42,6 +42,7 @@ MAX_REMEMBERED_NAMES = 65536  # addresses whose name labels counters and metrics
 TCP_IDLE = 10.0
 TCP_CLIENTS_PER_LISTENER = 64
 REFRESH_RETRY = 5.0
+OPEN_RETRY = 5.0  # a namespace where the proxy could not open is tried again after this
 _BUFFER = 4 << 20
 _SO_RCVBUFFORCE = 33
 _TCP_MAX_BUFFER = 2 + wire.MAX_UDP_PAYLOAD
@@ -210,6 +211,7 @@ class DnsProxy:
         # bounded, the oldest answer forgotten first.
         self._name_of: dict[str, str] = {}
         self._next_housekeeping = 0.0
+        self._failed_opens: dict[tuple[int, str], float] = {}  # the agent's thread only
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, name="dns-proxy", daemon=True)
 
@@ -252,13 +254,17 @@ class DnsProxy:
             key = (netns_inode(pid), workload)
         except FileNotFoundError:
             return
+        if self._failed_opens.get(key, 0) > time.monotonic():
+            return  # every refused query asks again: do not retry (and log) each time
         with self._lock:
             if key in self._listeners:
                 return
             try:
                 sockets = in_netns_of(pid, _open_sockets)
-            except (OSError, FileNotFoundError) as e:
-                log.warning("cannot open the DNS proxy in the network namespace of %d: %s", pid, e)
+            except OSError as e:
+                self._failed_opens[key] = time.monotonic() + OPEN_RETRY
+                log.warning("cannot open the DNS proxy in the network namespace of %d (its DNS stays refused; "
+                            "retried in %.0f s): %s", pid, OPEN_RETRY, e)
                 return
             try:
                 netns_fd = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY)
