@@ -385,7 +385,7 @@ def test_ps_shows_what_each_process_sent(lab, start_agent):
                 if process.bytes_sent >= 50_000 or time.monotonic() > deadline:
                     break
                 time.sleep(0.2)
-        assert process.pid == pid and process.bytes_sent >= 50_000
+        assert process.process.pid == pid and process.bytes_sent >= 50_000
         [destination] = process.destinations
         assert (destination.ip, destination.port, destination.protocol, destination.state) == \
             (Lab.PROVIDER4, TCP_PORT, "tcp", "closed")

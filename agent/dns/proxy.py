@@ -21,7 +21,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from agent.dns import wire
 from agent.dns.names import NameGrant, NameMatcher
@@ -371,13 +371,7 @@ class DnsProxy:
     # --- queries ---------------------------------------------------------------------
 
     def _on_udp_query(self, listener: _Listener, sock: socket.socket) -> None:
-        for _ in range(64):
-            try:
-                packet, peer = sock.recvfrom(wire.MAX_UDP_PAYLOAD)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                continue  # an ICMP error queued on the socket
+        for packet, peer in _datagrams(sock):
             self._on_query(listener, packet, peer[:2], "udp", lambda answer, s=sock, p=peer: _sendto(s, answer, p))
 
     def _on_query(self, listener: _Listener, packet: bytes, peer: Address, protocol: str,
@@ -431,13 +425,7 @@ class DnsProxy:
                 respond(wire.error_reply(packet, wire.RCODE_SERVFAIL, question_end))
 
     def _on_upstream(self, listener: _Listener | None, sock: socket.socket) -> None:
-        for _ in range(64):
-            try:
-                packet, source = sock.recvfrom(wire.MAX_UDP_PAYLOAD)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                continue
+        for packet, source in _datagrams(sock):
             if len(packet) < 2:
                 continue
             key = (id(sock), struct.unpack_from("!H", packet)[0])
@@ -693,6 +681,18 @@ class DnsProxy:
         now_ns = time.monotonic_ns()
         self._written = {k: expires for k, expires in self._written.items() if expires > now_ns}
         self._next_flush = now + ALLOWED_WINDOW
+
+
+def _datagrams(sock: socket.socket, most: int = 64) -> Iterator[tuple[bytes, tuple]]:
+    """The datagrams a non-blocking socket holds now, at most `most` so other sockets get
+    their turn; an ICMP error queued on the socket is skipped."""
+    for _ in range(most):
+        try:
+            yield sock.recvfrom(wire.MAX_UDP_PAYLOAD)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            continue
 
 
 def _sendto(sock: socket.socket, answer: bytes | None, peer: tuple) -> None:
