@@ -22,7 +22,7 @@ from agent import actions, cgroups
 from agent.dns.names import NameMatcher
 from agent.dns.proxy import DnsProxy, WorkloadDns, parse_upstreams
 from agent.events import Destination, Event, EventBus, EventKind, ProcessInfo
-from agent.events.process import describe_process
+from agent.events.process import describe_process, forget_process
 from agent.actions.hooks import DEFAULT_TIMEOUT_SECONDS, HookOutcome, HookRunner
 from agent.events.repeats import RepeatFolder
 from agent.kernel.loader import DEFAULT_PIN_DIR, PORT_ANY, AllowEntry, KernelPrograms
@@ -420,6 +420,7 @@ class Agent:
         return None
 
     def _on_exec(self, record: KernelRecord) -> None:
+        forget_process(record.tgid)  # a new program: new cmdline and exe
         running = self._workload_at(record.workload)
         if running is not None:
             self._publish(Event(EventKind.PROCESS_EXEC, workload=running.spec.name,
@@ -440,6 +441,7 @@ class Agent:
             self._open_dns_for(running, [record.tgid])
 
     def _on_exit(self, record: KernelRecord) -> None:
+        forget_process(record.tgid)
         running = self._workload_at(record.workload)
         if running is not None:
             self._publish(Event(EventKind.PROCESS_EXITED, workload=running.spec.name,
