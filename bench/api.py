@@ -10,33 +10,26 @@
    (the target is none: refusals counted by the routers themselves, not by the agent).
 2. latency: a router makes one denied connect every 10 ms, each to its own port, and
    prints the time just before it; the subscriber notes when that port's event arrives.
-
-All traffic stays inside the two namespaces of a agent/lab/network.py Lab (DESIGN.md,
-"Testing rules"). A measurement, not a test: it exits 0 whether targets are met or not.
-With -o json the JSON goes to standard output and the table to standard error.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO / "tests"), str(REPO)]
+# first: puts tests/ and the repository root on sys.path
+from common import agent_in_lab, aligned, argument_parser, parse, percentile, progress, report
 
-import grpc  # noqa: E402
-from agentproc import AgentProcess, unique_name, workload_policy  # noqa: E402
-from apiclient import pb, unix_stub  # noqa: E402
-from agent.lab.network import Lab  # noqa: E402
+import grpc
+from agentproc import AgentProcess, unique_name, workload_policy
+from apiclient import pb, unix_stub
+from agent.lab.network import Lab
 
 TARGET_RATE = 30_000
 TARGET_P99_MS = 10.0
@@ -81,10 +74,6 @@ for i in range(count):
     s.close()
     time.sleep(interval)
 """
-
-
-def progress(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 class Subscriber(threading.Thread):
@@ -178,10 +167,6 @@ def measure_latency(lab: Lab, agent: AgentProcess, workload: str, samples: int) 
     return [(subscriber.arrivals[int(port)] - at) * 1000 for port, at in sent.items() if int(port) in subscriber.arrivals]
 
 
-def percentile(samples: list[float], pct: int) -> float:
-    return statistics.quantiles(samples, n=100, method="inclusive")[pct - 1]
-
-
 def summary(throughput: dict[str, Any], latency_ms: list[float], samples: int) -> dict[str, Any]:
     return {**throughput, "latency_samples": len(latency_ms), "latency_missing": samples - len(latency_ms),
             "latency_ms_p50": statistics.median(latency_ms), "latency_ms_p99": percentile(latency_ms, 99),
@@ -208,39 +193,26 @@ def table(s: dict[str, Any]) -> str:
          "PASS" if s["latency_ms_p99"] < TARGET_P99_MS and not s["latency_missing"] else "MISS"),
         ("  max", f"{s['latency_ms_max']:.2f} ms", "", ""),
     ]
-    widths = [max(len(row[c]) for row in rows) for c in range(4)]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
+    return "\n".join(aligned(rows))
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argument_parser(__doc__)
     parser.add_argument("--flooders", type=int, default=2, help="routers making denied connects (default 2)")
     parser.add_argument("--seconds", type=float, default=5.0, help="how long they flood (default 5)")
     parser.add_argument("--rate", type=float, default=40_000,
                         help="refusals per second all routers together aim at; 0: as fast as they can (default 40000)")
     parser.add_argument("--samples", type=int, default=300, help="latency samples (default 300)")
-    parser.add_argument("-o", "--output", choices=("table", "json"), default="table")
-    arguments = parser.parse_args()
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    arguments = parse(parser)
     workload = unique_name("bench-api")
-    with Lab() as lab, tempfile.TemporaryDirectory(prefix="ew-bench-") as tmp:
-        agent = AgentProcess(Path(tmp), workload_policy(workload, f"{{cidr: {Lab.PROVIDER4}/32, ports: [443]}}"),
-                             [workload])
-        try:
-            agent.start()
-            progress(f"throughput: {arguments.flooders} routers for {arguments.seconds:g} s")
-            throughput = measure_throughput(lab, agent, workload, arguments.flooders, arguments.seconds,
-                                            arguments.rate)
-            progress(f"latency: {arguments.samples} denied connects, one every 10 ms")
-            latency = measure_latency(lab, agent, workload, arguments.samples)
-        finally:
-            agent.cleanup()
+    with agent_in_lab(workload_policy(workload, f"{{cidr: {Lab.PROVIDER4}/32, ports: [443]}}"), [workload]) as (lab, agent):
+        agent.start()
+        progress(f"throughput: {arguments.flooders} routers for {arguments.seconds:g} s")
+        throughput = measure_throughput(lab, agent, workload, arguments.flooders, arguments.seconds, arguments.rate)
+        progress(f"latency: {arguments.samples} denied connects, one every 10 ms")
+        latency = measure_latency(lab, agent, workload, arguments.samples)
     results = summary(throughput, latency, arguments.samples)
-    if arguments.output == "json":
-        print(json.dumps(results, indent=2))
-        print(table(results), file=sys.stderr)
-    else:
-        print(table(results))
+    report(arguments.output, results, table(results))
 
 
 if __name__ == "__main__":

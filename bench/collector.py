@@ -15,40 +15,32 @@
    in-process server on loopback yielding one prebuilt Event per message, and the same
    Events 100 to a message.
 
-A measurement, not a test: it exits 0 whether the target (>= 20,000 events/s into
-PostgreSQL) is met or not. With -o json the JSON goes to standard output.
+The target: >= 20,000 events/s into PostgreSQL.
 """
 from __future__ import annotations
 
-import argparse
 import json
 from concurrent import futures
-import signal
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO / "tests"), str(REPO)]
+# first: puts tests/ and the repository root on sys.path
+from common import aligned, argument_parser, parse, progress, report
 
-import grpc  # noqa: E402
-from agent.collector.rows import EventRow  # noqa: E402
-from agent.collector.store import open_store  # noqa: E402
-from agentproc import AgentProcess, unique_name, workload_policy  # noqa: E402
-from apiclient import flood, free_port, pb, settle, tls_stub  # noqa: E402
-from certs import Authority  # noqa: E402
-from collectorproc import CollectorProcess  # noqa: E402
-from agent.lab.network import Lab  # noqa: E402
-from pgserver import PostgresServer  # noqa: E402
+import grpc
+from agent.collector.rows import EventRow
+from agent.collector.store import open_store
+from agentproc import AgentProcess, unique_name, workload_policy
+from apiclient import flood, free_port, pb, settle, tls_stub
+from certs import Authority
+from collectorproc import CollectorProcess
+from agent.lab.network import Lab
+from pgserver import PostgresServer
 
 TARGET_POSTGRES = 20_000
 INSERT_BATCH = 2000
-
-
-def progress(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def start_agent(home: Path, workload: str, certs: dict) -> tuple[AgentProcess, int]:
@@ -172,10 +164,8 @@ def table(result: dict) -> str:
              _samples(result, "grpc_1_per_message")),
             ("Python gRPC, bare, 100 Events per message", f"{median['grpc_100_per_message']:,.0f}",
              _samples(result, "grpc_100_per_message"))]
-    widths = [max(len(row[i]) for row in rows) for i in range(3)]
-    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
     met = "met" if median["postgres"] >= TARGET_POSTGRES else "missed"
-    return "\n".join([f"{result['events']} events from one agent, {result['rounds']} round(s)", *lines,
+    return "\n".join([f"{result['events']} events from one agent, {result['rounds']} round(s)", *aligned(rows),
                       f"target: >= {TARGET_POSTGRES:,} events/s into PostgreSQL from one agent: {met}"])
 
 
@@ -184,21 +174,15 @@ def _samples(result: dict, key: str) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argument_parser(__doc__)
     parser.add_argument("--events", type=int, default=20_000, help="denials in the agent's spool (default 20000)")
     parser.add_argument("--rounds", type=int, default=2, help="rounds of each measurement (default 2)")
-    parser.add_argument("-o", "--output", choices=("table", "json"), default="table")
-    arguments = parser.parse_args()
+    arguments = parse(parser)
     if arguments.events < 1000 or arguments.rounds < 1:
         parser.error("--events must be at least 1000 and --rounds at least 1")
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     with Lab() as lab, tempfile.TemporaryDirectory(prefix="ew-bench-") as tmp, PostgresServer() as postgres:
         result = run(arguments.events, arguments.rounds, Path(tmp), lab, postgres)
-    if arguments.output == "json":
-        print(json.dumps(result, indent=2))
-        print(table(result), file=sys.stderr)
-    else:
-        print(table(result))
+    report(arguments.output, result, table(result))
 
 
 if __name__ == "__main__":

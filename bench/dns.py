@@ -9,26 +9,22 @@
 2. queries per second the proxy sustains: one client keeping a window of queries in flight
    for S seconds (the same client against dnsmasq directly, for reference)
 
-All traffic stays inside a agent/lab/network.py Lab; dnsmasq runs in NET (agent/lab/dns_server.py).
-A measurement, not a test: it exits 0 whether targets are met or not.
+dnsmasq runs in the Lab's NET namespace (agent/lab/dns_server.py).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import subprocess
 import sys
-import tempfile
-from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO / "tests"), str(REPO)]
+# first: puts tests/ and the repository root on sys.path
+from common import agent_in_lab, argument_parser, parse, report
 
-from agentproc import AgentProcess, unique_name  # noqa: E402
-from agent.lab.dns_server import DnsServer  # noqa: E402
-from agent.lab.network import Lab  # noqa: E402
+from agentproc import AgentProcess, unique_name
+from agent.lab.dns_server import DnsServer
+from agent.lab.network import Lab
 
 RESOLVER = "198.18.5.53"
 NAME = "api.provider.test"
@@ -140,25 +136,16 @@ def table(results: dict[str, Any]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argument_parser(__doc__)
     parser.add_argument("--queries", type=int, default=1000, help="sequential lookups per client round (default 1000)")
     parser.add_argument("--seconds", type=float, default=5.0, help="seconds of the throughput run (default 5)")
-    parser.add_argument("-o", "--output", choices=("table", "json"), default="table")
-    args = parser.parse_args()
+    args = parse(parser)
     workload = unique_name("bdns")
-    with Lab() as lab, tempfile.TemporaryDirectory() as tmp:
-        DnsServer(lab, RESOLVER, Path(tmp), hosts={NAME: Lab.PROVIDER4}, ttl=60, cache=1000, log_queries=False)
-        agent = AgentProcess(Path(tmp), policy(workload), [workload])
-        try:
-            agent.start()
-            results = measure(lab, agent, workload, args.queries, args.seconds)
-        finally:
-            agent.cleanup()
-    if args.output == "json":
-        print(json.dumps(results, indent=2))
-        print(table(results), file=sys.stderr)
-    else:
-        print(table(results))
+    with agent_in_lab(policy(workload), [workload]) as (lab, agent):
+        DnsServer(lab, RESOLVER, agent.tmp, hosts={NAME: Lab.PROVIDER4}, ttl=60, cache=1000, log_queries=False)
+        agent.start()
+        results = measure(lab, agent, workload, args.queries, args.seconds)
+    report(args.output, results, table(results))
 
 
 if __name__ == "__main__":

@@ -8,10 +8,6 @@
 3. TCP connect rate of a process in ROUTER to a server in NET, under `warden run`
    against the same client outside any workload (interleaved rounds, medians, ratio)
 4. time from a violation of an on_violation: kill workload to its last process gone
-
-All traffic stays inside the two namespaces of a agent/lab/network.py Lab (DESIGN.md,
-"Testing rules"). A measurement, not a test: it exits 0 whether targets are met or not.
-With -o json the JSON goes to standard output and the table to standard error.
 """
 from __future__ import annotations
 
@@ -19,23 +15,21 @@ import argparse
 import json
 import os
 import select
-import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO / "tests"), str(REPO)]
+# first: puts tests/ and the repository root on sys.path
+from common import agent_in_lab, aligned, argument_parser, parse, percentile, progress, report
 
-import psutil  # noqa: E402
-from agent import cgroups  # noqa: E402
-from agentproc import AgentProcess, unique_name  # noqa: E402
-from agent.lab.network import Lab  # noqa: E402
+import psutil
+from agent import cgroups
+from agentproc import AgentProcess, unique_name
+from agent.lab.network import Lab
 
 PROVIDER_PORT = 443
 ATTACKER_PORT = 443
@@ -119,14 +113,6 @@ class Results:
 
     def rate_ratio(self) -> float:
         return statistics.median(self.rates_with_agent) / statistics.median(self.rates_without_agent)
-
-
-def percentile(samples: list[float], pct: int) -> float:
-    return statistics.quantiles(samples, n=100, method="inclusive")[pct - 1]
-
-
-def progress(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def bench_policy(connect_workload: str, kill_workload: str) -> str:
@@ -311,18 +297,14 @@ def targets_line(summary: dict[str, Any]) -> str:
 
 
 def table(results: Results) -> str:
-    rows = table_rows(results)
-    widths = [max(len(row[column]) for row in rows) for column in range(4)]
-    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
-    return "\n".join([*lines, targets_line(results.summary())])
+    return "\n".join([*aligned(table_rows(results)), targets_line(results.summary())])
 
 
 def parse_arguments() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argument_parser(__doc__)
     parser.add_argument("--connects", type=int, default=5000, help="connects per client run (default 5000)")
     parser.add_argument("--kills", type=int, default=50, help="violations of the kill workload (default 50)")
-    parser.add_argument("-o", "--output", choices=("table", "json"), default="table")
-    arguments = parser.parse_args()
+    arguments = parse(parser)
     if arguments.connects < 1 or arguments.kills < 2:
         parser.error("--connects must be at least 1 and --kills at least 2 (a p99 needs two samples)")
     return arguments
@@ -330,20 +312,11 @@ def parse_arguments() -> argparse.Namespace:
 
 def main() -> None:
     arguments = parse_arguments()
-    # SIGTERM becomes SystemExit, so the cleanup below runs as it does on Ctrl-C.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     connect_workload, kill_workload = unique_name("bench-c"), unique_name("bench-k")
-    with Lab() as lab, tempfile.TemporaryDirectory(prefix="ew-bench-") as tmp:
-        agent = AgentProcess(Path(tmp), bench_policy(connect_workload, kill_workload), [connect_workload, kill_workload])
-        try:
-            results = run_benchmark(lab, agent, connect_workload, kill_workload, arguments.connects, arguments.kills)
-        finally:
-            agent.cleanup()
-    if arguments.output == "json":
-        print(json.dumps({"samples": asdict(results), "summary": results.summary()}, indent=2))
-        print(table(results), file=sys.stderr)
-    else:
-        print(table(results))
+    workloads = [connect_workload, kill_workload]
+    with agent_in_lab(bench_policy(connect_workload, kill_workload), workloads) as (lab, agent):
+        results = run_benchmark(lab, agent, connect_workload, kill_workload, arguments.connects, arguments.kills)
+    report(arguments.output, {"samples": asdict(results), "summary": results.summary()}, table(results))
 
 
 if __name__ == "__main__":

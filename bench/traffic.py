@@ -12,27 +12,22 @@ so a drift of this shared machine favours neither side:
    run in its context). CPU time is less disturbed by other work on a busy machine.
 Each ratio is reported two ways: median(with) / median(without), and the median of the
 ratios of the rounds (each round's pair runs back to back). Target >= 0.97.
-A measurement, not a test: it exits 0 whether targets are met or not.
 """
 from __future__ import annotations
 
-import argparse
 import json
-import signal
 import statistics
 import subprocess
 import sys
-import tempfile
-from pathlib import Path
 from typing import Any, Callable
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO / "tests"), str(REPO / "bench"), str(REPO)]
+# first: puts tests/ and the repository root on sys.path
+from common import agent_in_lab, argument_parser, parse, progress, report
 
-from agent import cgroups  # noqa: E402
-from agentproc import AgentProcess, unique_name  # noqa: E402
-from foundation import CONNECT_CLIENT, PROVIDER_PORT, client_run, own_cgroup, progress, start_accept_server  # noqa: E402
-from agent.lab.network import Lab  # noqa: E402
+from agent import cgroups
+from agentproc import AgentProcess, unique_name
+from foundation import CONNECT_CLIENT, PROVIDER_PORT, client_run, own_cgroup, start_accept_server
+from agent.lab.network import Lab
 
 IPERF_PORT = 5201
 TARGET_RATIO = 0.97
@@ -120,25 +115,15 @@ def table(result: dict[str, Any]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argument_parser(__doc__)
     parser.add_argument("--rounds", type=int, default=11, help="interleaved rounds of each measurement (default 11)")
     parser.add_argument("--connects", type=int, default=2000, help="connects per client run (default 2000)")
     parser.add_argument("--seconds", type=float, default=2.0, help="seconds per iperf3 run (default 2)")
-    parser.add_argument("-o", "--output", choices=("table", "json"), default="table")
-    arguments = parser.parse_args()
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    arguments = parse(parser)
     workload = unique_name("bench-t")
-    with Lab() as lab, tempfile.TemporaryDirectory(prefix="ew-bench-") as tmp:
-        agent = AgentProcess(Path(tmp), bench_policy(workload), [workload])
-        try:
-            result = run(lab, agent, workload, arguments.rounds, arguments.connects, arguments.seconds)
-        finally:
-            agent.cleanup()
-    if arguments.output == "json":
-        print(json.dumps(result, indent=2))
-        print(table(result), file=sys.stderr)
-    else:
-        print(table(result))
+    with agent_in_lab(bench_policy(workload), [workload]) as (lab, agent):
+        result = run(lab, agent, workload, arguments.rounds, arguments.connects, arguments.seconds)
+    report(arguments.output, result, table(result))
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 from agent import cgroups
 from agent.kernel.loader import detach_all, remove_pins
+from childproc import ChildProcess
 
 REPO = Path(__file__).resolve().parents[1]
 WARDEN = [sys.executable, "-m", "agent.cli"]
@@ -37,8 +38,9 @@ def write_policy(path: Path, text: str) -> Path:
 
 
 def workload_policy(name: str, rules: str, *, on_violation: str = "deny", mode: str = "enforce",
-                    match: str = "") -> str:
-    """A one-workload policy; `rules` is the YAML of its allow list, `match` its match mapping."""
+                    match: str = "", extra: str = "") -> str:
+    """A one-workload policy; `rules` is the YAML of its allow list (flow style), `match` its match
+    mapping, `extra` more of the workload's keys (dns:, budgets:) indented by eight spaces."""
     match_line = f"        match: {match}" if match else ""
     return f"""
     version: 1
@@ -48,10 +50,11 @@ def workload_policy(name: str, rules: str, *, on_violation: str = "deny", mode: 
         on_violation: {on_violation}
 {match_line}
         allow: [{rules}]
+{extra}
     """
 
 
-class AgentProcess:
+class AgentProcess(ChildProcess):
     def __init__(self, tmp: Path, policy_text: str, workloads: list[str]) -> None:
         self.tmp = tmp
         self.policy = write_policy(tmp / "policy.yaml", policy_text)
@@ -108,20 +111,8 @@ class AgentProcess:
         write_policy(self.policy, policy_text)
         self.process.send_signal(signal.SIGHUP)
 
-    def kill9(self) -> None:
-        self.process.kill()
-        self.process.wait()
-
-    def stop(self) -> int:
-        if self.process is None or self.process.poll() is not None:
-            return self.process.returncode if self.process else 0
-        self.process.terminate()
-        return self.process.wait(timeout=15)
-
     def cleanup(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
+        super().cleanup()
         shutil.rmtree(self.socket_dir, ignore_errors=True)
         parent = cgroups.warden_parent()
         for name in self.workloads:

@@ -12,9 +12,12 @@ import yaml
 
 from agentproc import REPO, WARDEN
 from apiclient import free_port
+from childproc import ChildProcess
 
 
-class CollectorProcess:
+class CollectorProcess(ChildProcess):
+    stop_timeout = 30.0
+
     def __init__(self, home: Path, store: str, agents: dict[str, int], tls: dict[str, Path],
                  jsonl: Path | None = None) -> None:
         """`agents` maps a name to the agent's TLS port on 127.0.0.1."""
@@ -60,18 +63,3 @@ class CollectorProcess:
                 return status
             time.sleep(0.1)
         raise AssertionError(f"collector: no {what} within {timeout}s; status {status}\nlog:\n{self.log.read_text()}")
-
-    def kill9(self) -> None:
-        self.process.kill()
-        self.process.wait()
-
-    def stop(self) -> int:
-        if self.process is None or self.process.poll() is not None:
-            return self.process.returncode if self.process else 0
-        self.process.terminate()
-        return self.process.wait(timeout=30)
-
-    def cleanup(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()

@@ -13,7 +13,7 @@ from hypothesis import given, settings, strategies as st
 
 from agent.dns import wire
 from agent.kernel.netns import in_netns_of
-from agentproc import outcome, unique_name
+from agentproc import outcome, unique_name, workload_policy
 from agent.lab.dns_server import DnsServer
 from agent.lab.network import Lab
 
@@ -26,29 +26,16 @@ EPERM = 1
 REFUSED = 5
 
 
-ALL_RULES = """
-          - fqdn: api.provider.test
-            ports: [443]
-            protocol: tcp
-          - fqdn: "*.azure.test"
-            ports: [443]
-          - fqdn: alias.provider.test
-            ports: [443]"""
+ALL_RULES = ("{fqdn: api.provider.test, ports: [443], protocol: tcp}, {fqdn: '*.azure.test', ports: [443]}, "
+             "{fqdn: alias.provider.test, ports: [443]}")
 
 
 def dns_policy(name: str, *, grace: int = 30, mode: str = "enforce", on_violation: str = "deny",
                rules: str = ALL_RULES, upstream: str = RESOLVER) -> str:
-    return f"""
-    version: 1
-    workloads:
-      - name: {name}
-        mode: {mode}
-        on_violation: {on_violation}
-        allow:{rules}
-        dns:
+    dns = f"""        dns:
           upstream: [{upstream}]
-          grace_seconds: {grace}
-    """
+          grace_seconds: {grace}"""
+    return workload_policy(name, rules, on_violation=on_violation, mode=mode, extra=dns)
 
 
 ZONE = {"api.provider.test": Lab.PROVIDER4, "eastus.azure.test": Lab.PROVIDER4,
@@ -175,9 +162,9 @@ def test_ipv6_and_mapped_resolvers_are_redirected(lab, start_agent, dns_server, 
 def test_resolved_addresses_survive_a_reload_that_drops_the_same_static_rule(lab, start_agent, dns_server):
     wl = unique_name("dns")
     provider = lab.serve(Lab.PROVIDER4, 443)
-    wildcard = "\n          - {fqdn: '*.azure.test', ports: [443], protocol: tcp}"
-    static = f"\n          - {{cidr: {Lab.PROVIDER4}/32, ports: [443], protocol: tcp}}"
-    agent = start_agent(dns_policy(wl, rules=wildcard + static), [wl])
+    wildcard = "{fqdn: '*.azure.test', ports: [443], protocol: tcp}"
+    static = f"{{cidr: {Lab.PROVIDER4}/32, ports: [443], protocol: tcp}}"
+    agent = start_agent(dns_policy(wl, rules=f"{wildcard}, {static}"), [wl])
     assert query(lab, agent, wl, "eastus.azure.test")["addresses"] == [Lab.PROVIDER4]
     agent.reload(dns_policy(wl, rules=wildcard))
     agent.wait_for(lambda e: e["kind"] == "policy_loaded" and e["seq"] > 2)
@@ -221,7 +208,7 @@ def test_a_changed_address_works_and_the_old_one_expires_without_cutting_connect
     wl = unique_name("dns")
     old = lab.serve(Lab.ATTACKER4, 443)
     new = lab.serve(Lab.OTHER4, 443)
-    agent = start_agent(dns_policy(wl, grace=1, rules="\n          - {fqdn: moving.provider.test, ports: [443]}"), [wl])
+    agent = start_agent(dns_policy(wl, grace=1, rules="{fqdn: moving.provider.test, ports: [443]}"), [wl])
     first = query(lab, agent, wl, "moving.provider.test")
     assert first["addresses"] == [Lab.ATTACKER4] and first["ttls"] == [2]
     held = lab.run_in_router(agent.router_cmd(wl, "hold", Lab.ATTACKER4, "443"), stdin=subprocess.PIPE,

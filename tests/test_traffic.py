@@ -81,6 +81,14 @@ def traffic_policy(name: str, extra: str = "") -> str:
     """
 
 
+def kill_budget(per_minute: str) -> str:
+    """A budget on the provider that kills the workload past `per_minute` bytes; traffic_policy's `extra`."""
+    return f"""        budgets:
+          - cidr: {Lab.PROVIDER4}/32
+            bytes_per_minute: {per_minute}
+            action: kill"""
+
+
 def send(lab: Lab, agent: AgentProcess, workload: str, proto: str, host: str, port: int, n: int) -> int:
     """Runs the sender in the workload; returns its pid."""
     sender = lab.run_in_router(agent.run_cmd(workload, [sys.executable, "-c", SENDER, proto, host, str(port), str(n)]),
@@ -233,11 +241,7 @@ def test_agent_refuses_pinned_maps_of_another_layout(tmp_path):
 
 def test_budget_crossing_reports_and_kills(lab, start_agent):
     name = unique_name("tb")
-    budget = f"""        budgets:
-          - cidr: {Lab.PROVIDER4}/32
-            bytes_per_minute: 100KB
-            action: kill"""
-    agent = start_agent(traffic_policy(name, budget), [name])
+    agent = start_agent(traffic_policy(name, kill_budget("100KB")), [name])
     lab.serve(Lab.PROVIDER4, TCP_PORT)
     holder = lab.run_in_router(agent.run_cmd(name, [sys.executable, "-c", SENDER, "tcp", Lab.PROVIDER4,
                                                     str(TCP_PORT), "150000", "--hold"]),
@@ -253,11 +257,7 @@ def test_budget_crossing_reports_and_kills(lab, start_agent):
 
 def test_monitor_mode_budget_only_reports(lab, start_agent):
     name = unique_name("tb")
-    budget = f"""        budgets:
-          - cidr: {Lab.PROVIDER4}/32
-            bytes_per_minute: 10KB
-            action: kill"""
-    agent = start_agent(traffic_policy(name, budget).replace("on_violation: deny", "mode: monitor"), [name])
+    agent = start_agent(traffic_policy(name, kill_budget("10KB")).replace("on_violation: deny", "mode: monitor"), [name])
     lab.serve(Lab.PROVIDER4, TCP_PORT)
     send(lab, agent, name, "tcp", Lab.PROVIDER4, TCP_PORT, 30_000)
     exceeded = agent.wait_for(lambda e: e["kind"] == "budget_exceeded", timeout=10)
