@@ -1,6 +1,6 @@
 """API benchmark: events from the kernel to a WatchEvents subscriber, and how soon they arrive.
 
-    python bench/api.py [--flooders N] [--seconds S] [--samples N] [-o table|json]
+    python bench/api.py [--flooders N] [--seconds S] [--samples N] [--stream events|batches|both] [-o table|json]
 
 1. throughput: N routers in one workload make denied connects as fast as they can for S
    seconds; every refusal is a kernel record. A WatchEvents subscriber (gRPC over the
@@ -11,9 +11,14 @@
 2. latency: a router makes one denied connect every 10 ms, each to its own port, and
    prints the time just before it; the subscriber notes when that port's event arrives.
 
+Both are measured for each stream asked for, one after the other on the same agent: the
+subscriber on WatchEvents (one event per gRPC message) and on WatchEventBatches (a page of
+durable events per message).
+
 All traffic stays inside the two namespaces of a agent/lab/network.py Lab (DESIGN.md,
 "Testing rules"). A measurement, not a test: it exits 0 whether targets are met or not.
-With -o json the JSON goes to standard output and the table to standard error.
+With -o json the JSON (a list, one object per stream) goes to standard output and the tables
+to standard error.
 """
 from __future__ import annotations
 
@@ -91,8 +96,9 @@ class Subscriber(threading.Thread):
     """Follows the workload's egress_denied events; counts denials (an aggregated event
     counts detail.count) and notes when each destination port's first event arrived."""
 
-    def __init__(self, agent: AgentProcess, workload: str) -> None:
+    def __init__(self, agent: AgentProcess, workload: str, batched: bool) -> None:
         super().__init__(daemon=True)
+        self.batched = batched
         with unix_stub(agent) as api:
             self.since = api.GetStatus(pb.GetStatusRequest(), timeout=10).spool.newest_seq
         self.agent, self.workload = agent, workload
@@ -105,15 +111,17 @@ class Subscriber(threading.Thread):
 
     def run(self) -> None:
         with unix_stub(self.agent) as api:
-            self._stream = api.WatchEvents(pb.WatchEventsRequest(
-                since_seq=self.since, follow=True, workloads=[self.workload], kinds=["egress_denied"]))
+            request = pb.WatchEventsRequest(since_seq=self.since, follow=True, workloads=[self.workload],
+                                            kinds=["egress_denied"])
+            self._stream = api.WatchEventBatches(request) if self.batched else api.WatchEvents(request)
             self.ready.set()
             try:
-                for event in self._stream:
+                for message in self._stream:
                     now = time.time()
-                    self.events += 1
-                    self.denials += json.loads(event.detail_json).get("count", 1)
-                    self.arrivals.setdefault(event.destination.port, now)
+                    for event in message.events if self.batched else (message,):
+                        self.events += 1
+                        self.denials += json.loads(event.detail_json).get("count", 1)
+                        self.arrivals.setdefault(event.destination.port, now)
                     self.last_arrival = now
             except grpc.RpcError as e:
                 if e.code() != grpc.StatusCode.CANCELLED:
@@ -130,10 +138,17 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def records_lost(agent: AgentProcess) -> int:
+    """Ring-buffer overruns since the agent started."""
+    with unix_stub(agent) as api:
+        return api.GetStatus(pb.GetStatusRequest(), timeout=10).kernel_records_lost
+
+
 def measure_throughput(lab: Lab, agent: AgentProcess, workload: str, flooders: int, seconds: float,
-                       rate: float) -> dict[str, Any]:
+                       rate: float, batched: bool) -> dict[str, Any]:
     cpu_before = cpu_seconds(agent.process.pid)
-    subscriber = Subscriber(agent, workload)
+    lost_before = records_lost(agent)
+    subscriber = Subscriber(agent, workload, batched)
     subscriber.start()
     subscriber.ready.wait(10)
     procs = [lab.run_in_router(agent.run_cmd(workload, [sys.executable, "-c", FLOODER, Lab.ATTACKER4, "443", str(seconds),
@@ -151,20 +166,19 @@ def measure_throughput(lab: Lab, agent: AgentProcess, workload: str, flooders: i
         time.sleep(0.05)
     subscriber.stop()
     agent_cpu = cpu_seconds(agent.process.pid) - cpu_before
-    with unix_stub(agent) as api:
-        status = api.GetStatus(pb.GetStatusRequest(), timeout=10)
+    lost = records_lost(agent) - lost_before
     first = min(o["started"] for o in outcomes)
-    return {"flooders": flooders, "seconds": seconds, "paced_rate": rate, "kernel_refusals": refused,
+    return {"stream": "WatchEventBatches" if batched else "WatchEvents", "flooders": flooders, "seconds": seconds, "paced_rate": rate, "kernel_refusals": refused,
             "subscriber_denials": subscriber.denials, "subscriber_events": subscriber.events,
-            "missing": refused - subscriber.denials, "kernel_records_lost": status.kernel_records_lost,
+            "missing": refused - subscriber.denials, "kernel_records_lost": lost,
             "events_per_second": subscriber.denials / (subscriber.last_arrival - first),
             "refusals_per_second": refused / seconds,
             "agent_cpu_us_per_refusal": agent_cpu / subscriber.denials * 1e6,
             "agent_capacity_per_core": subscriber.denials / agent_cpu if agent_cpu else float("inf")}
 
 
-def measure_latency(lab: Lab, agent: AgentProcess, workload: str, samples: int) -> list[float]:
-    subscriber = Subscriber(agent, workload)
+def measure_latency(lab: Lab, agent: AgentProcess, workload: str, samples: int, batched: bool) -> list[float]:
+    subscriber = Subscriber(agent, workload, batched)
     subscriber.start()
     subscriber.ready.wait(10)
     pacer = lab.run_in_router(agent.run_cmd(workload, [sys.executable, "-c", PACER, Lab.ATTACKER4,
@@ -191,6 +205,7 @@ def summary(throughput: dict[str, Any], latency_ms: list[float], samples: int) -
 def table(s: dict[str, Any]) -> str:
     rate_met = s["events_per_second"] >= TARGET_RATE and s["missing"] == 0 and s["kernel_records_lost"] == 0
     rows = [
+        (f"subscriber on {s['stream']}", "", "", ""),
         (f"kernel refusals ({s['flooders']} routers, {s['seconds']:g} s, paced at {s['paced_rate']:.0f}/s)",
          f"{s['kernel_refusals']} "
          f"({s['refusals_per_second']:.0f}/s)", "", ""),
@@ -219,28 +234,34 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=40_000,
                         help="refusals per second all routers together aim at; 0: as fast as they can (default 40000)")
     parser.add_argument("--samples", type=int, default=300, help="latency samples (default 300)")
+    parser.add_argument("--stream", choices=("events", "batches", "both"), default="both",
+                        help="the subscriber's call: WatchEvents, WatchEventBatches, or each in turn (default both)")
     parser.add_argument("-o", "--output", choices=("table", "json"), default="table")
     arguments = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     workload = unique_name("bench-api")
+    results = []
     with Lab() as lab, tempfile.TemporaryDirectory(prefix="ew-bench-") as tmp:
         agent = AgentProcess(Path(tmp), workload_policy(workload, f"{{cidr: {Lab.PROVIDER4}/32, ports: [443]}}"),
                              [workload])
         try:
             agent.start()
-            progress(f"throughput: {arguments.flooders} routers for {arguments.seconds:g} s")
-            throughput = measure_throughput(lab, agent, workload, arguments.flooders, arguments.seconds,
-                                            arguments.rate)
-            progress(f"latency: {arguments.samples} denied connects, one every 10 ms")
-            latency = measure_latency(lab, agent, workload, arguments.samples)
+            for batched in {"events": [False], "batches": [True], "both": [False, True]}[arguments.stream]:
+                call = "WatchEventBatches" if batched else "WatchEvents"
+                progress(f"{call}: throughput: {arguments.flooders} routers for {arguments.seconds:g} s")
+                throughput = measure_throughput(lab, agent, workload, arguments.flooders, arguments.seconds,
+                                                arguments.rate, batched)
+                progress(f"{call}: latency: {arguments.samples} denied connects, one every 10 ms")
+                latency = measure_latency(lab, agent, workload, arguments.samples, batched)
+                results.append(summary(throughput, latency, arguments.samples))
         finally:
             agent.cleanup()
-    results = summary(throughput, latency, arguments.samples)
+    tables = "\n\n".join(table(r) for r in results)
     if arguments.output == "json":
         print(json.dumps(results, indent=2))
-        print(table(results), file=sys.stderr)
+        print(tables, file=sys.stderr)
     else:
-        print(table(results))
+        print(tables)
 
 
 if __name__ == "__main__":
