@@ -1,10 +1,11 @@
 """API benchmark: events from the kernel to a WatchEvents subscriber, and how soon they arrive.
 
-    python bench/api.py [--flooders N] [--seconds S] [--samples N] [--stream events|batches|both] [-o table|json]
+    python bench/api.py [--flooders N] [--seconds S] [--rate R] [--ports N] [--samples N]
+                        [--stream events|batches|both] [-o table|json]
 
 1. throughput: N routers in one workload make denied connects as fast as they can for S
-   seconds; every refusal is a kernel record. A WatchEvents subscriber (gRPC over the
-   agent's Unix socket, following, filtered to the workload's egress_denied events)
+   seconds (to one port, or to --ports ports in turn, which defeats folding); every
+   refusal is a kernel record. A WatchEvents subscriber (gRPC over the agent's Unix socket, following, filtered to the workload's egress_denied events)
    counts them. Reported: denials per second from the first connect to the last event at
    the subscriber, and how many of the kernel's refusals the subscriber did not get
    (the target is none: refusals counted by the routers themselves, not by the agent).
@@ -46,11 +47,12 @@ from agent.lab.network import Lab  # noqa: E402
 TARGET_RATE = 30_000
 TARGET_P99_MS = 10.0
 LATENCY_BASE_PORT = 20_000
+SPREAD_BASE_PORT = 30_000
 DRAIN_SECONDS = 60.0
 
 FLOODER = """
 import json, socket, sys, time
-address, seconds, rate = (sys.argv[1], int(sys.argv[2])), float(sys.argv[3]), float(sys.argv[4])
+host, base, seconds, rate, ports = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5])
 print("ready", flush=True)
 sys.stdin.readline()
 refused = other = 0
@@ -63,7 +65,7 @@ while time.monotonic() < deadline:
     for _ in range(200):
         s = socket.socket()
         try:
-            s.connect(address)
+            s.connect((host, base + (refused + other) % ports))
             other += 1
         except PermissionError:
             refused += 1
@@ -145,14 +147,15 @@ def records_lost(agent: AgentProcess) -> int:
 
 
 def measure_throughput(lab: Lab, agent: AgentProcess, workload: str, flooders: int, seconds: float,
-                       rate: float, batched: bool) -> dict[str, Any]:
+                       rate: float, ports: int, batched: bool) -> dict[str, Any]:
     cpu_before = cpu_seconds(agent.process.pid)
     lost_before = records_lost(agent)
     subscriber = Subscriber(agent, workload, batched)
     subscriber.start()
     subscriber.ready.wait(10)
-    procs = [lab.run_in_router(agent.run_cmd(workload, [sys.executable, "-c", FLOODER, Lab.ATTACKER4, "443", str(seconds),
-                                                               str(rate / flooders)]),
+    base = 443 if ports == 1 else SPREAD_BASE_PORT
+    procs = [lab.run_in_router(agent.run_cmd(workload, [sys.executable, "-c", FLOODER, Lab.ATTACKER4, str(base),
+                                                        str(seconds), str(rate / flooders), str(ports)]),
                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for _ in range(flooders)]
     for proc in procs:
         assert proc.stdout.readline().strip() == "ready"
@@ -168,7 +171,8 @@ def measure_throughput(lab: Lab, agent: AgentProcess, workload: str, flooders: i
     agent_cpu = cpu_seconds(agent.process.pid) - cpu_before
     lost = records_lost(agent) - lost_before
     first = min(o["started"] for o in outcomes)
-    return {"stream": "WatchEventBatches" if batched else "WatchEvents", "flooders": flooders, "seconds": seconds, "paced_rate": rate, "kernel_refusals": refused,
+    return {"stream": "WatchEventBatches" if batched else "WatchEvents", "flooders": flooders, "ports": ports,
+            "seconds": seconds, "paced_rate": rate, "kernel_refusals": refused,
             "subscriber_denials": subscriber.denials, "subscriber_events": subscriber.events,
             "missing": refused - subscriber.denials, "kernel_records_lost": lost,
             "events_per_second": subscriber.denials / (subscriber.last_arrival - first),
@@ -206,7 +210,8 @@ def table(s: dict[str, Any]) -> str:
     rate_met = s["events_per_second"] >= TARGET_RATE and s["missing"] == 0 and s["kernel_records_lost"] == 0
     rows = [
         (f"subscriber on {s['stream']}", "", "", ""),
-        (f"kernel refusals ({s['flooders']} routers, {s['seconds']:g} s, paced at {s['paced_rate']:.0f}/s)",
+        (f"kernel refusals ({s['flooders']} routers, {s['seconds']:g} s, paced at {s['paced_rate']:.0f}/s, "
+         f"{s['ports']} port(s))",
          f"{s['kernel_refusals']} "
          f"({s['refusals_per_second']:.0f}/s)", "", ""),
         ("denials at the subscriber", f"{s['subscriber_denials']} in {s['subscriber_events']} events", "", ""),
@@ -234,6 +239,9 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=40_000,
                         help="refusals per second all routers together aim at; 0: as fast as they can (default 40000)")
     parser.add_argument("--samples", type=int, default=300, help="latency samples (default 300)")
+    parser.add_argument("--ports", type=int, default=1,
+                        help="destination ports the routers go through in turn; 1 (default): all to 443, so identical "
+                             "refusals fold into few events; 30000: nearly every refusal is an event of its own")
     parser.add_argument("--stream", choices=("events", "batches", "both"), default="both",
                         help="the subscriber's call: WatchEvents, WatchEventBatches, or each in turn (default both)")
     parser.add_argument("-o", "--output", choices=("table", "json"), default="table")
@@ -250,7 +258,7 @@ def main() -> None:
                 call = "WatchEventBatches" if batched else "WatchEvents"
                 progress(f"{call}: throughput: {arguments.flooders} routers for {arguments.seconds:g} s")
                 throughput = measure_throughput(lab, agent, workload, arguments.flooders, arguments.seconds,
-                                                arguments.rate, batched)
+                                                arguments.rate, arguments.ports, batched)
                 progress(f"{call}: latency: {arguments.samples} denied connects, one every 10 ms")
                 latency = measure_latency(lab, agent, workload, arguments.samples, batched)
                 results.append(summary(throughput, latency, arguments.samples))
