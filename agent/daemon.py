@@ -218,11 +218,15 @@ class Agent:
         # against the new list and nothing allowed by both policies is cut in between.
         self.kernel.set_listen_ports(running.index, spec.listen)
         self.kernel.replace_allowlist(running.index, allow_entries(spec))
-        # The proxy listens where the workload's processes are before the kernel sends it queries.
+        # The proxy listens where the workload's processes are before the kernel sends it
+        # queries, and stops only once the kernel no longer does.
         dns = self._dns_config(running)
-        self.dns.set_workload(spec.name, dns)
-        self._open_dns_for(running, [p for c in running.cgroup_dirs for p in cgroups.pids(c)])
+        if dns is not None:
+            self.dns.set_workload(spec.name, dns)
+            self._open_dns_for(running, [p for c in running.cgroup_dirs for p in cgroups.pids(c)])
         self.kernel.set_workload(running.index, mode=spec.mode, quarantined=running.quarantined, dns=dns is not None)
+        if dns is None:
+            self.dns.set_workload(spec.name, None)
         if spec.match.systemd_unit and running.unit_cgroup is None:
             running.unit_cgroup = cgroups.find_unit_cgroup(spec.match.systemd_unit, self._cgroup_root)
         for cgroup in running.cgroup_dirs:

@@ -48,7 +48,7 @@ def test_the_whole_api_on_the_unix_socket(lab, start_agent, names, tmp_path):
 
         assert [w.name for w in api.ListWorkloads(pb.ListWorkloadsRequest(), timeout=10).workloads] == [wl]
         [process] = api.ListProcesses(pb.ListProcessesRequest(workload=wl), timeout=10).processes
-        assert process.pid == pid and process.workload == wl and "hold" in process.cmdline
+        assert process.process.pid == pid and process.workload == wl and "hold" in process.process.cmdline
         assert [(d.ip, d.port, d.protocol, d.state) for d in process.destinations] == \
             [(Lab.PROVIDER4, 443, "tcp", "established")]
 

@@ -322,3 +322,37 @@ def test_a_restarted_agent_answers_again(lab, start_agent, dns_server):
     assert len(dns_server.queried_names()) == before
     agent.start()
     assert query(lab, agent, wl, "api.provider.test")["rcodes"] == {"0": 1}
+
+
+def test_exact_names_are_resolved_ahead_of_time(lab, start_agent, dns_server):
+    wl = unique_name("dns")
+    provider = lab.serve(Lab.PROVIDER4, 443)
+    agent = start_agent(dns_policy(wl), [wl])
+    # A router that never asks the proxy (as one resolving through nscd would not).
+    anchor = lab.run_in_router(agent.run_cmd(wl, ["sleep", "300"]))
+    agent.wait_for(lambda e: e["kind"] == "process_joined" and e["process"]["pid"] == anchor.pid)
+    deadline = time.monotonic() + 10
+    while "api.provider.test" not in dns_server.queried_names() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "api.provider.test" in dns_server.queried_names()
+    assert "eastus.azure.test" not in dns_server.queried_names()  # wildcards cannot be
+    time.sleep(0.5)  # the answer is written into the allow map as it arrives
+    assert run(lab, agent, wl, "tcp", Lab.PROVIDER4, "443")["ok"]
+    assert provider.wait_for_bytes(100)
+
+
+def test_fqdn_budget_counts_bytes_to_the_names_addresses(lab, start_agent, dns_server):
+    """Counters are labelled with the name the proxy resolved, so a budget on a name sees
+    the bytes sent to its addresses."""
+    wl = unique_name("dn")
+    budget = """        budgets:
+          - fqdn: api.provider.test
+            bytes_per_minute: 10kB
+            action: alert
+        dns:"""
+    agent = start_agent(dns_policy(wl).replace("        dns:", budget, 1), [wl])
+    lab.serve(Lab.PROVIDER4, 443)
+    assert run(lab, agent, wl, "resolve-connect", "api.provider.test", "443", "--count", "100")["ok"]
+    exceeded = agent.wait_for(lambda e: e["kind"] == "budget_exceeded" and e["workload"] == wl, timeout=15)
+    assert exceeded["detail"]["budget"]["fqdn"] == "api.provider.test" and exceeded["bytes"] > 10_000
+    assert "api.provider.test" in exceeded["detail"]["destinations"]

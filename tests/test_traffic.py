@@ -363,3 +363,32 @@ def test_metrics_endpoint_is_scraped(lab, start_agent):
     assert samples['egress_warden_events_total{kind="egress_denied"}'] == 1
     assert samples['egress_warden_events_total{kind="agent_started"}'] == 1
     assert samples["egress_warden_ringbuf_lost_records_total"] == 0
+
+
+def test_ps_shows_what_each_process_sent(lab, start_agent):
+    """`warden ps` (ListProcesses): a live process's bytes per destination, also to a
+    destination whose socket it has closed since."""
+    from apiclient import pb, unix_stub
+
+    name = unique_name("tp")
+    agent = start_agent(traffic_policy(name), [name])
+    lab.serve(Lab.PROVIDER4, TCP_PORT)
+    holder = lab.run_in_router(agent.run_cmd(name, [sys.executable, "-c", SENDER, "tcp", Lab.PROVIDER4,
+                                                    str(TCP_PORT), "50000", "--hold"]),
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    pid = json.loads(holder.stdout.readline())["pid"]
+    try:
+        with unix_stub(agent) as api:
+            deadline = time.monotonic() + 10  # the agent reads the counters once a second
+            while True:
+                [process] = api.ListProcesses(pb.ListProcessesRequest(workload=name), timeout=10).processes
+                if process.bytes_sent >= 50_000 or time.monotonic() > deadline:
+                    break
+                time.sleep(0.2)
+        assert process.process.pid == pid and process.bytes_sent >= 50_000
+        [destination] = process.destinations
+        assert (destination.ip, destination.port, destination.protocol, destination.state) == \
+            (Lab.PROVIDER4, TCP_PORT, "tcp", "closed")
+        assert destination.bytes_sent == process.bytes_sent and destination.packets_sent >= 2
+    finally:
+        holder.communicate("\n", timeout=10)

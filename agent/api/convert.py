@@ -5,7 +5,7 @@ import json
 from typing import Any
 
 from agent.api.gen.egress_warden.v1 import agent_pb2 as pb
-from agent.events import Event
+from agent.events import Event, ProcessInfo
 
 
 def event_from_json(body: str) -> pb.Event:
@@ -19,7 +19,7 @@ def event_from_json(body: str) -> pb.Event:
     if data.get("bytes") is not None:
         message.bytes = data["bytes"]
     if data.get("process"):
-        message.process.CopyFrom(_process(data["process"]))
+        message.process.CopyFrom(process_message(ProcessInfo(**data["process"])))
     if data.get("destination"):
         d = data["destination"]
         message.destination.CopyFrom(pb.Destination(
@@ -31,6 +31,7 @@ def event_message(event: Event) -> pb.Event:
     return event_from_json(event.to_json())
 
 
-def _process(p: dict[str, Any]) -> pb.ProcessInfo:
-    return pb.ProcessInfo(pid=p["pid"], ppid=p.get("ppid") or 0, uid=p.get("uid") or 0, comm=p.get("comm") or "",
-                          exe=p.get("exe") or "", cmdline=p.get("cmdline") or [], start_time=p.get("start_time") or 0.0)
+def process_message(p: ProcessInfo) -> pb.ProcessInfo:
+    """A process as events and the process list describe it; unknown parts stay empty."""
+    return pb.ProcessInfo(pid=p.pid, ppid=p.ppid or 0, uid=p.uid or 0, comm=p.comm or "", exe=p.exe or "",
+                          cmdline=p.cmdline or [], start_time=p.start_time or 0.0)

@@ -23,7 +23,7 @@ from typing import Callable, Iterator
 import grpc
 
 import agent as agent_package
-from agent.api.convert import event_from_json, event_message
+from agent.api.convert import event_from_json, event_message, process_message
 from agent.api.gen.egress_warden.v1 import agent_pb2 as pb
 from agent.api.gen.egress_warden.v1 import agent_pb2_grpc as pb_grpc
 from agent.cgroups.posture import workload_posture
@@ -264,8 +264,7 @@ def _process_message(workload: str, pid: int, traffic: ProcessTraffic | None) ->
                                            fqdn=d.fqdn or "", bytes_sent=d.bytes, packets_sent=d.packets)
                      for d in sent.values()]
     return pb.Process(
-        workload=workload, pid=pid, ppid=info.ppid or 0, uid=info.uid or 0, comm=info.comm or "",
-        exe=info.exe or "", cmdline=info.cmdline or [], start_time=info.start_time or 0.0,
+        workload=workload, process=process_message(info),
         bytes_sent=traffic.bytes if traffic else 0,
         packets_sent=sum(d.packets for d in traffic.destinations) if traffic else 0,
         destinations=destinations)

@@ -15,7 +15,7 @@ import click
 
 from agent.actions.hooks import DEFAULT_TIMEOUT_SECONDS
 from agent.cli.sdnotify import notify
-from agent.cli.values import Duration, Size
+from agent.cli.values import DURATION, SIZE
 from agent.events import EventBus, JsonLinesSink
 from agent.events.spool import SPOOL_FILE, Spool, SpoolAhead
 from agent.kernel.loader import DEFAULT_PIN_DIR
@@ -46,9 +46,9 @@ DEFAULT_SOCKET = Path("/run/egress-warden/agent.sock")
               help="With --listen: its private key (PEM).")
 @click.option("--tls-client-ca", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="With --listen: the CA that signs client certificates; others are refused at the handshake.")
-@click.option("--spool-max-bytes", type=Size(), default="256MiB", show_default=True,
+@click.option("--spool-max-bytes", type=SIZE, default="256MiB", show_default=True,
               help="Bound of the event spool; the oldest events go first.")
-@click.option("--spool-max-age", type=Duration(), default="7d", show_default=True,
+@click.option("--spool-max-age", type=DURATION, default="7d", show_default=True,
               help="Events older than this leave the spool.")
 @click.option("--pin-dir", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_PIN_DIR,
               show_default=True, help="bpffs directory for the maps that outlive a restart (byte counters, "

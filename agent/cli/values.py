@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+from typing import Any, Callable
 
 import click
 
@@ -19,25 +20,21 @@ def duration_seconds(text: str) -> float:
     return float(found.group(1)) * _SECONDS[found.group(2)]
 
 
-class Size(click.ParamType):
-    name = "SIZE"
+class _Parsed(click.ParamType):
+    """An option value read by `parse`, whose ValueError becomes click's usage error."""
 
-    def convert(self, value, param, ctx) -> int:
-        if isinstance(value, int):
-            return value
+    def __init__(self, name: str, parse: Callable[[str], Any]) -> None:
+        self.name = name
+        self._parse = parse
+
+    def convert(self, value, param, ctx) -> Any:
+        if not isinstance(value, str):
+            return value  # a default already converted
         try:
-            return values.size(value)
+            return self._parse(value)
         except ValueError as e:
             self.fail(str(e), param, ctx)
 
 
-class Duration(click.ParamType):
-    name = "DURATION"
-
-    def convert(self, value, param, ctx) -> float:
-        if isinstance(value, float):
-            return value
-        try:
-            return duration_seconds(value)
-        except ValueError as e:
-            self.fail(str(e), param, ctx)
+SIZE = _Parsed("SIZE", values.size)  # 256MiB, 1GB, 1000000
+DURATION = _Parsed("DURATION", duration_seconds)  # 90s, 15m, 7d

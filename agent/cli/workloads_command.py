@@ -40,7 +40,7 @@ def ps_command(workload: str | None, target: Target, output: str) -> None:
         echo_json([as_dict(p) for p in processes])
         return
     echo_table(["WORKLOAD", "PID", "USER", "COMMAND", "BYTES_SENT", "DESTINATIONS"],
-               ([p.workload, p.pid, p.uid, " ".join(p.cmdline) or p.comm, p.bytes_sent,
+               ([p.workload, p.process.pid, p.process.uid, " ".join(p.process.cmdline) or p.process.comm, p.bytes_sent,
                  ", ".join(_destination(d) for d in p.destinations)] for p in processes))
 
 

@@ -21,7 +21,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from agent.dns import wire
 from agent.dns.names import NameGrant, NameMatcher
@@ -42,6 +42,7 @@ MAX_REMEMBERED_NAMES = 65536  # addresses whose name labels counters and metrics
 TCP_IDLE = 10.0
 TCP_CLIENTS_PER_LISTENER = 64
 REFRESH_RETRY = 5.0
+OPEN_RETRY = 5.0  # a namespace where the proxy could not open is tried again after this
 _BUFFER = 4 << 20
 _SO_RCVBUFFORCE = 33
 _TCP_MAX_BUFFER = 2 + wire.MAX_UDP_PAYLOAD
@@ -210,6 +211,7 @@ class DnsProxy:
         # bounded, the oldest answer forgotten first.
         self._name_of: dict[str, str] = {}
         self._next_housekeeping = 0.0
+        self._failed_opens: dict[tuple[int, str], float] = {}  # the agent's thread only
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, name="dns-proxy", daemon=True)
 
@@ -252,13 +254,17 @@ class DnsProxy:
             key = (netns_inode(pid), workload)
         except FileNotFoundError:
             return
+        if self._failed_opens.get(key, 0) > time.monotonic():
+            return  # every refused query asks again: do not retry (and log) each time
         with self._lock:
             if key in self._listeners:
                 return
             try:
                 sockets = in_netns_of(pid, _open_sockets)
-            except (OSError, FileNotFoundError) as e:
-                log.warning("cannot open the DNS proxy in the network namespace of %d: %s", pid, e)
+            except OSError as e:
+                self._failed_opens[key] = time.monotonic() + OPEN_RETRY
+                log.warning("cannot open the DNS proxy in the network namespace of %d (its DNS stays refused; "
+                            "retried in %.0f s): %s", pid, OPEN_RETRY, e)
                 return
             try:
                 netns_fd = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY)
@@ -365,13 +371,7 @@ class DnsProxy:
     # --- queries ---------------------------------------------------------------------
 
     def _on_udp_query(self, listener: _Listener, sock: socket.socket) -> None:
-        for _ in range(64):
-            try:
-                packet, peer = sock.recvfrom(wire.MAX_UDP_PAYLOAD)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                continue  # an ICMP error queued on the socket
+        for packet, peer in _datagrams(sock):
             self._on_query(listener, packet, peer[:2], "udp", lambda answer, s=sock, p=peer: _sendto(s, answer, p))
 
     def _on_query(self, listener: _Listener, packet: bytes, peer: Address, protocol: str,
@@ -425,13 +425,7 @@ class DnsProxy:
                 respond(wire.error_reply(packet, wire.RCODE_SERVFAIL, question_end))
 
     def _on_upstream(self, listener: _Listener | None, sock: socket.socket) -> None:
-        for _ in range(64):
-            try:
-                packet, source = sock.recvfrom(wire.MAX_UDP_PAYLOAD)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                continue
+        for packet, source in _datagrams(sock):
             if len(packet) < 2:
                 continue
             key = (id(sock), struct.unpack_from("!H", packet)[0])
@@ -687,6 +681,18 @@ class DnsProxy:
         now_ns = time.monotonic_ns()
         self._written = {k: expires for k, expires in self._written.items() if expires > now_ns}
         self._next_flush = now + ALLOWED_WINDOW
+
+
+def _datagrams(sock: socket.socket, most: int = 64) -> Iterator[tuple[bytes, tuple]]:
+    """The datagrams a non-blocking socket holds now, at most `most` so other sockets get
+    their turn; an ICMP error queued on the socket is skipped."""
+    for _ in range(most):
+        try:
+            yield sock.recvfrom(wire.MAX_UDP_PAYLOAD)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            continue
 
 
 def _sendto(sock: socket.socket, answer: bytes | None, peer: tuple) -> None:
