@@ -9,8 +9,9 @@
    binaries, default durability: fsync and synchronous_commit on), a real
    `warden collector` starts on an empty store and drains that backlog; the rate is
    events stored / time from its first stored event to its last (from its /status).
-3. For finding the bottleneck, in the same run: the agent's own stream rate (a bare
-   WatchEvents client that stores nothing), each store's insert rate on its own
+3. For finding the bottleneck, in the same run: the agent's own stream rates (bare
+   WatchEvents and WatchEventBatches clients that store nothing; the collector uses the
+   batches), each store's insert rate on its own
    (batches of 2000 rows, no gRPC), and what Python gRPC itself streams here: an
    in-process server on loopback yielding one prebuilt Event per message, and the same
    Events 100 to a message.
@@ -54,10 +55,14 @@ def start_agent(home: Path, workload: str, certs: dict) -> tuple[AgentProcess, i
     return agent, port
 
 
-def raw_stream_rate(port: int, certs: dict) -> float:
+def raw_stream_rate(port: int, certs: dict, batched: bool) -> float:
     with tls_stub(port, certs["server_ca"].cert, certs["client"]) as api:
+        request = pb.WatchEventsRequest(since_seq=0)
         began = time.perf_counter()
-        count = sum(1 for _ in api.WatchEvents(pb.WatchEventsRequest(since_seq=0), timeout=600))
+        if batched:
+            count = sum(len(batch.events) for batch in api.WatchEventBatches(request, timeout=600))
+        else:
+            count = sum(1 for _ in api.WatchEvents(request, timeout=600))
         return count / (time.perf_counter() - began)
 
 
@@ -128,12 +133,13 @@ def run(events: int, rounds: int, tmp: Path, lab: Lab, postgres: PostgresServer)
         settle(agent)
         with tls_stub(port, server_ca.cert, certs["client"]) as api:
             newest = api.GetStatus(pb.GetStatusRequest(), timeout=10).spool.newest_seq
-        samples: dict[str, list[float]] = {"agent_stream": [], "sqlite": [], "postgres": [],
+        samples: dict[str, list[float]] = {"agent_stream": [], "agent_batch_stream": [], "sqlite": [], "postgres": [],
                                            "sqlite_insert_only": [], "postgres_insert_only": [],
                                            "grpc_1_per_message": [], "grpc_100_per_message": []}
         for round_number in range(rounds):
-            progress(f"round {round_number + 1}/{rounds}: the agent's bare stream, and gRPC's own ...")
-            samples["agent_stream"].append(raw_stream_rate(port, certs))
+            progress(f"round {round_number + 1}/{rounds}: the agent's bare streams, and gRPC's own ...")
+            samples["agent_stream"].append(raw_stream_rate(port, certs, batched=False))
+            samples["agent_batch_stream"].append(raw_stream_rate(port, certs, batched=True))
             samples["grpc_1_per_message"].append(grpc_ceiling(events, 1))
             samples["grpc_100_per_message"].append(grpc_ceiling(events, 100))
             for name in ("sqlite", "postgres"):
@@ -154,7 +160,9 @@ def table(result: dict) -> str:
             ("agent -> collector -> SQLite (rows stored)", f"{median['sqlite']:,.0f}", _samples(result, "sqlite")),
             ("agent -> collector -> PostgreSQL (rows stored)", f"{median['postgres']:,.0f}",
              _samples(result, "postgres")),
-            ("the agent's bare WatchEvents stream (ceiling)", f"{median['agent_stream']:,.0f}",
+            ("the agent's bare WatchEventBatches stream (ceiling)", f"{median['agent_batch_stream']:,.0f}",
+             _samples(result, "agent_batch_stream")),
+            ("the agent's bare WatchEvents stream, 1 event per message", f"{median['agent_stream']:,.0f}",
              _samples(result, "agent_stream")),
             ("SQLite inserts alone (batches of 2000)", f"{median['sqlite_insert_only']:,.0f}",
              _samples(result, "sqlite_insert_only")),

@@ -1,5 +1,5 @@
 """Test helpers for the agent's gRPC API: channels to a test agent, a flood of real kernel
-denials, and the agent's events read back through WatchEvents."""
+denials, and the agent's events read back through WatchEvents or WatchEventBatches."""
 from __future__ import annotations
 
 import contextlib
@@ -15,7 +15,7 @@ from agent.api.gen.egress_warden.v1 import agent_pb2_grpc as pb_grpc
 from agentproc import AgentProcess
 from agent.lab.network import Lab
 
-__all__ = ["pb", "pb_grpc", "unix_stub", "tls_stub", "free_port", "flood", "settle", "read_all"]
+__all__ = ["pb", "pb_grpc", "unix_stub", "tls_stub", "free_port", "flood", "settle", "read_all", "read_batches"]
 
 
 @contextlib.contextmanager
@@ -64,5 +64,12 @@ def settle(agent: AgentProcess, quiet: float = 0.5, timeout: float = 30.0) -> li
             assert time.monotonic() < deadline, f"spool at seq {newest}, agent published up to {published[-1]['seq']}"
 
 
-def read_all(stub: pb_grpc.AgentStub, **request) -> list[pb.Event]:
+def read_all(stub: pb_grpc.AgentStub, batched: bool = False, **request) -> list[pb.Event]:
+    """The events a WatchEventsRequest gives, through WatchEvents or (batched) WatchEventBatches."""
+    if batched:
+        return [event for batch in read_batches(stub, **request) for event in batch.events]
     return list(stub.WatchEvents(pb.WatchEventsRequest(**request), timeout=60))
+
+
+def read_batches(stub: pb_grpc.AgentStub, **request) -> list[pb.EventBatch]:
+    return list(stub.WatchEventBatches(pb.WatchEventsRequest(**request), timeout=60))

@@ -12,7 +12,7 @@ import grpc
 import pytest
 
 from agentproc import workload_policy, write_policy
-from apiclient import flood, free_port, pb, read_all, tls_stub, unix_stub, settle
+from apiclient import flood, free_port, pb, read_all, read_batches, tls_stub, unix_stub, settle
 from certs import Authority
 from agent.lab.network import Lab
 
@@ -102,6 +102,7 @@ def test_mtls_serves_read_only_calls_and_refuses_strangers(start_agent, names, t
     with tls_stub(port, pki["server_ca"].cert, collector) as api:
         assert [w.name for w in api.GetStatus(pb.GetStatusRequest(), timeout=10).workloads] == [wl]
         assert any(e.kind == "agent_started" for e in read_all(api, since_seq=0))
+        assert read_all(api, batched=True, since_seq=0) == read_all(api, since_seq=0)
         for call, request in (("Kill", pb.WorkloadRequest(workload=wl)), ("Quarantine", pb.WorkloadRequest(workload=wl)),
                               ("Release", pb.WorkloadRequest(workload=wl)), ("ReloadPolicy", pb.ReloadPolicyRequest())):
             with pytest.raises(grpc.RpcError) as refused:
@@ -168,7 +169,8 @@ def test_only_root_and_the_socket_group_may_connect(start_agent, names, group, o
     assert done.stdout.strip() == outcome, done.stderr
 
 
-def test_a_subscriber_that_keeps_disconnecting_gets_every_event_once_in_order(lab, start_agent, names):
+@pytest.mark.parametrize("batched", [False, True], ids=["WatchEvents", "WatchEventBatches"])
+def test_a_subscriber_that_keeps_disconnecting_gets_every_event_once_in_order(lab, start_agent, names, batched):
     wl = names[0]
     agent = start_agent(policy(wl), [wl])
     router = flood(lab, agent, wl, seconds=4)
@@ -176,24 +178,26 @@ def test_a_subscriber_that_keeps_disconnecting_gets_every_event_once_in_order(la
     reconnects = 0
     with unix_stub(agent) as api:
         while router.poll() is None:
-            seen += take_some(api, seen[-1] if seen else 0, random.randint(1, 400))
+            seen += take_some(api, seen[-1] if seen else 0, random.randint(1, 400), batched)
             reconnects += 1
         settle(agent)
-        seen += [e.seq for e in read_all(api, since_seq=seen[-1])]
+        seen += [e.seq for e in read_all(api, batched, since_seq=seen[-1])]
     published = [e["seq"] for e in agent.events()]
     denials = sum(e["kind"] == "egress_denied" for e in agent.events())
     assert denials > 500 and reconnects > 5, (denials, reconnects)
     assert seen == published
 
 
-def take_some(api, since: int, count: int) -> list[int]:
-    """Follow from `since`, read `count` events (or what comes within a second), hang up."""
-    stream = api.WatchEvents(pb.WatchEventsRequest(since_seq=since, follow=True), timeout=1.0)
+def take_some(api, since: int, count: int, batched: bool = False) -> list[int]:
+    """Follow from `since`, read `count` events (or what comes within a second; batched: the
+    batches that hold at least `count`), hang up."""
+    request = pb.WatchEventsRequest(since_seq=since, follow=True)
+    stream = api.WatchEventBatches(request, timeout=1.0) if batched else api.WatchEvents(request, timeout=1.0)
     got = []
     try:
-        for event in stream:
-            got.append(event.seq)
-            if len(got) == count:
+        for message in stream:
+            got += [e.seq for e in message.events] if batched else [message.seq]
+            if len(got) >= count:
                 break
     except grpc.RpcError as e:
         assert e.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE), e
@@ -229,7 +233,8 @@ def test_resume_across_an_agent_killed_and_restarted(lab, start_agent, names):
     assert sum(e["kind"] == "agent_started" for e in published) == 2
 
 
-def test_the_spool_bound_drops_the_oldest_and_a_resume_learns_how_many(lab, start_agent, names):
+@pytest.mark.parametrize("batched", [False, True], ids=["WatchEvents", "WatchEventBatches"])
+def test_the_spool_bound_drops_the_oldest_and_a_resume_learns_how_many(lab, start_agent, names, batched):
     wl = names[0]
     agent = start_agent(policy(wl), [wl], agent_args=["--spool-max-bytes", "40000"])
     flood(lab, agent, wl, seconds=1.5).wait(timeout=30)
@@ -237,17 +242,56 @@ def test_the_spool_bound_drops_the_oldest_and_a_resume_learns_how_many(lab, star
     with unix_stub(agent) as api:
         spool = api.GetStatus(pb.GetStatusRequest(), timeout=10).spool
         assert 0 < spool.bytes <= 40000 and spool.dropped > 0
-        lost, *kept = read_all(api, since_seq=0)
+        lost, *kept = read_all(api, batched, since_seq=0)
         assert lost.kind == "events_lost"
         assert kept[0].seq == spool.oldest_seq and [e.seq for e in kept] == published[-len(kept):]
         assert json.loads(lost.detail_json)["count"] == published.index(spool.oldest_seq) == spool.dropped
         assert lost.seq == spool.oldest_seq - 1
         middle = published[published.index(spool.oldest_seq) // 2]
-        lost_after_middle, first_kept = read_all(api, since_seq=middle)[:2]
+        lost_after_middle, first_kept = read_all(api, batched, since_seq=middle)[:2]
         assert json.loads(lost_after_middle.detail_json)["count"] == len([s for s in published if middle < s < spool.oldest_seq])
         assert first_kept.seq == spool.oldest_seq
         # Resuming from the events_lost event's own seq never repeats it.
-        assert read_all(api, since_seq=lost.seq)[0].seq == spool.oldest_seq
+        assert read_all(api, batched, since_seq=lost.seq)[0].seq == spool.oldest_seq
+
+
+def test_event_batches_carry_what_watch_events_does_filters_included(lab, start_agent, names):
+    wl = names[0]
+    agent = start_agent(policy(wl), [wl])
+    flood(lab, agent, wl, seconds=2).wait(timeout=30)
+    published = settle(agent)
+    pid = next(e["process"]["pid"] for e in published if e["kind"] == "egress_denied")
+    middle = published[len(published) // 2]
+    requests = [{"since_seq": 0}, {"since_seq": middle["seq"]}, {"since_time": middle["time"]}, {"last": 300},
+                {"workloads": [wl], "kinds": ["egress_denied"]}, {"kinds": ["agent_started", "policy_loaded"]},
+                {"pid": pid}, {"workloads": [names[1]]}]
+    with unix_stub(agent) as api:
+        for request in requests:
+            batches = read_batches(api, **request)
+            seqs = [e.seq for b in batches for e in b.events]
+            assert [e.seq for e in read_all(api, **request)] == seqs, request
+            assert seqs == sorted(set(seqs)) and all(0 < len(b.events) <= 512 for b in batches), request
+        assert [e.seq for e in read_all(api, batched=True, since_seq=0)] == [e["seq"] for e in published]
+        assert len(published) > 600 and 512 in [len(b.events) for b in read_batches(api, since_seq=0)]
+        assert {e.kind for e in read_all(api, batched=True, kinds=["egress_denied"])} == {"egress_denied"}
+        assert read_all(api, batched=True, workloads=[names[1]]) == []
+        assert len(read_all(api, batched=True, last=300)) == 300
+
+
+def test_a_batch_follower_gets_each_event_at_once_when_the_agent_is_idle(start_agent, names):
+    """No waiting to fill a batch: on an idle agent each control action's event comes alone,
+    while the stream stays open (a batch held back for more would never arrive here)."""
+    wl = names[0]
+    agent = start_agent(policy(wl), [wl])
+    newest = settle(agent)[-1]["seq"]
+    with unix_stub(agent) as api:
+        stream = api.WatchEventBatches(pb.WatchEventsRequest(since_seq=newest, follow=True), timeout=30)
+        try:
+            for act in (api.Quarantine, api.Release):
+                event = act(pb.WorkloadRequest(workload=wl), timeout=10).event
+                assert [e.seq for e in next(stream).events] == [event.seq]
+        finally:
+            stream.cancel()
 
 
 def test_the_spool_forgets_events_older_than_its_age_bound(start_agent, names):

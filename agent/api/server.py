@@ -1,9 +1,10 @@
 """The agent's gRPC API: the whole of it on a Unix socket, the read-only part on TCP with
 mutual TLS (DESIGN.md, "gRPC"; proto/egress_warden/v1/agent.proto).
 
-WatchEvents streams from the spool by seq. A subscriber's stream is a cursor into SQLite,
-not a queue in the agent, so a slow or stalled subscriber costs a thread and a read
-connection, never memory that grows, and never slows enforcement or other subscribers."""
+WatchEvents and WatchEventBatches stream from the spool by seq, one event or one page of
+events to a message. A subscriber's stream is a cursor into SQLite, not a queue in the
+agent, so a slow or stalled subscriber costs a thread and a read connection, never memory
+that grows, and never slows enforcement or other subscribers."""
 from __future__ import annotations
 
 import dataclasses
@@ -36,10 +37,14 @@ from agent.traffic import DestinationTraffic, ProcessTraffic
 
 MAX_REQUEST_BYTES = 1 << 20  # a policy text is the largest request; 1 MiB is plenty
 MAX_RESPONSE_BYTES = 16 << 20
-MAX_STREAMS = 48  # WatchEvents streams at once, per server; each holds one thread
+MAX_STREAMS = 48  # event streams (WatchEvents, WatchEventBatches) at once, per server; each holds one thread
 _WORKERS = MAX_STREAMS + 16  # so unary calls still find a thread when every stream is open
-_FOLLOW_WAKE_SECONDS = 1.0
-_DURABLE_WAIT_SECONDS = 5.0  # a control call's reply waits at most this long for its event to be spooled  # a follower re-checks that its client is still there this often
+# An EventBatch stops growing past this many bytes of event JSON: each event travels about
+# twice (its fields and its JSON line), so a batch stays well under gRPC's default 4 MiB
+# receive limit, which a client that set no limit of its own has.
+_PAGE_BODY_BYTES = 1 << 20
+_FOLLOW_WAKE_SECONDS = 1.0  # a follower re-checks that its client is still there this often
+_DURABLE_WAIT_SECONDS = 5.0  # a control call's reply waits at most this long for its event to be spooled
 _TCP_STATES = {1: "established", 2: "syn_sent", 3: "syn_recv", 4: "fin_wait1", 5: "fin_wait2", 6: "time_wait",
                7: "close", 8: "close_wait", 9: "last_ack", 10: "listen", 11: "closing"}
 _KINDS = {k.value for k in EventKind}
@@ -124,6 +129,16 @@ class AgentService(pb_grpc.AgentServicer):
                                       workloads=[w.name for w in policy.workloads])
 
     def WatchEvents(self, request, context) -> Iterator[pb.Event]:
+        for page in self._pages(request, context):
+            yield from page
+
+    def WatchEventBatches(self, request, context) -> Iterator[pb.EventBatch]:
+        for page in self._pages(request, context):
+            yield pb.EventBatch(events=page)
+
+    def _pages(self, request, context) -> Iterator[list[pb.Event]]:
+        """The events a WatchEventsRequest asks for, in pages of what is durable when read
+        (never waiting to fill one); one of at most MAX_STREAMS streams of this server."""
         unknown = sorted(set(request.kinds) - _KINDS)
         if unknown:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
@@ -132,22 +147,24 @@ class AgentService(pb_grpc.AgentServicer):
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                           f"the agent already serves {MAX_STREAMS} event streams here; try again later")
         try:
-            yield from self._stream(request, context)
+            yield from self._read_pages(request, context)
         finally:
             self._streams.release()
 
-    def _stream(self, request, context) -> Iterator[pb.Event]:
+    def _read_pages(self, request, context) -> Iterator[list[pb.Event]]:
         filters = Filters(tuple(request.workloads), tuple(request.kinds), request.pid)
         with self.spool.reader() as reader:
-            after = yield from self._start(request, reader, filters)
+            lost, after = self._start(request, reader, filters)
+            if lost is not None:
+                yield [lost]
             while context.is_active():
                 upto = self.spool.committed
                 rows = reader.after(after, filters, upto)
-                for seq, body in rows:
-                    yield event_from_json(body)
-                    after = seq
-                if rows and len(rows) == reader.page:
-                    continue
+                yield from _split_by_size(rows)
+                if rows:
+                    after = rows[-1][0]
+                    if len(rows) == reader.page:
+                        continue
                 after = max(after, upto)  # everything up to `upto` has been read, matching or not
                 if not request.follow:
                     return
@@ -155,18 +172,17 @@ class AgentService(pb_grpc.AgentServicer):
                 if self.spool.closed:
                     return
 
-    def _start(self, request, reader: SpoolReader, filters: Filters) -> Iterator[pb.Event]:
-        """The seq the stream continues after; a resume from before the oldest event held
-        first gets events_lost, whose seq is the last lost one."""
+    def _start(self, request, reader: SpoolReader, filters: Filters) -> tuple[pb.Event | None, int]:
+        """(the events_lost event to send first, or None; the seq the stream continues after).
+        A resume from before the oldest event held gets events_lost, whose seq is the last lost one."""
         if request.since_seq or not (request.since_time or request.last):
             lost, last_lost = reader.lost_after(request.since_seq)
             if lost:
-                yield self._lost_event(lost, request.since_seq + 1, last_lost)
-                return last_lost
-            return request.since_seq
+                return self._lost_event(lost, request.since_seq + 1, last_lost), last_lost
+            return None, request.since_seq
         if request.since_time:
-            return reader.seq_before_time(request.since_time)
-        return reader.seq_before_last(request.last, filters)
+            return None, reader.seq_before_time(request.since_time)
+        return None, reader.seq_before_last(request.last, filters)
 
     def _lost_event(self, count: int, first: int, last: int) -> pb.Event:
         event = Event(EventKind.EVENTS_LOST, detail={
@@ -202,6 +218,21 @@ class AgentService(pb_grpc.AgentServicer):
         """The event, once it is in the spool: what a control call reports, `warden events` shows next."""
         self.spool.wait_beyond(event.seq - 1, _DURABLE_WAIT_SECONDS)
         return event_message(event)
+
+
+def _split_by_size(rows: list[tuple[int, str]]) -> Iterator[list[pb.Event]]:
+    """The spool rows as pages of events, each page under _PAGE_BODY_BYTES of JSON (but at
+    least one event)."""
+    page: list[pb.Event] = []
+    size = 0
+    for _, body in rows:
+        if page and size + len(body) > _PAGE_BODY_BYTES:
+            yield page
+            page, size = [], 0
+        page.append(event_from_json(body))
+        size += len(body)
+    if page:
+        yield page
 
 
 def _workload_message(running: RunningWorkload, pids: list[int]) -> pb.Workload:

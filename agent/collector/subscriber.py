@@ -1,5 +1,6 @@
 """One agent's subscription: connect over mutual TLS, resume after the last seq the store
-holds for it, store what the stream brings in batches, and on any failure start again
+holds for it, store what the stream brings batch by batch (WatchEventBatches: the agent
+sends what is durable, up to 512 events to a message), and on any failure start again
 after an exponential backoff with jitter.
 
 Each agent has its own threads, so a dead, slow or stuck agent holds up nobody else. A
@@ -30,6 +31,7 @@ _CONNECT_TIMEOUT = 10.0  # the first call of a session (TLS handshake and GetSta
 _STATUS_EVERY = 5.0      # how often a connected agent's latest seq is asked (lag; a stuck agent shows here)
 _STATUS_TIMEOUT = 5.0
 _HEALTHY_SESSION = 30.0  # a session that lasted this long resets the backoff
+_QUEUED_BATCHES = 8      # batches read ahead of the store: at most 8 x 512 events held
 
 
 class Backoff:
@@ -128,8 +130,7 @@ class _End:
 class AgentSubscriber:
     def __init__(self, target: AgentTarget, store: EventStore, tls: TlsFiles, credentials: grpc.ChannelCredentials,
                  agent_ids: AgentIds, before_commit: NewRows, on_stored: Callable[[int], None], *,
-                 batch_max: int = 2000,
-                 batch_wait: float = 0.05) -> None:
+                 batch_max: int = 2000) -> None:
         self.target = target
         self.state = AgentState(target.name, target.address)
         self._store = store
@@ -139,7 +140,6 @@ class AgentSubscriber:
         self._before_commit = before_commit
         self._on_stored = on_stored
         self._batch_max = batch_max
-        self._batch_wait = batch_wait
         self._stop = threading.Event()
         self._stream: grpc.Future | None = None
         self._thread = threading.Thread(target=self._run, name=f"collector-{target.name}", daemon=True)
@@ -205,14 +205,14 @@ class AgentSubscriber:
             self.state.stored_seq = since
             self.state.latest_seq = max(status.spool.newest_seq, since)
             self.state.sessions += 1
-            stream = stub.WatchEvents(pb.WatchEventsRequest(since_seq=since, follow=True))
+            stream = stub.WatchEventBatches(pb.WatchEventsRequest(since_seq=since, follow=True))
             self._stream = stream
             if self._stop.is_set():
                 stream.cancel()
             self.state.connected = True
             log.info("collector: agent %s (%s) connected: agent id %s, resuming after seq %d",
                      self.target.name, self.target.address, status.agent, since)
-            incoming: queue.Queue = queue.Queue(maxsize=self._batch_max * 4)
+            incoming: queue.Queue = queue.Queue(maxsize=_QUEUED_BATCHES)
             done = threading.Event()
             reader = threading.Thread(target=self._read, args=(stream, incoming, done),
                                       name=f"collector-{self.target.name}-read", daemon=True)
@@ -254,8 +254,8 @@ class AgentSubscriber:
             return False
 
         try:
-            for message in stream:
-                if not put(message):
+            for batch in stream:
+                if not put(batch):
                     return
             put(_End(None))
         except grpc.RpcError as e:
@@ -277,26 +277,24 @@ class AgentSubscriber:
                 next_status = time.monotonic() + _STATUS_EVERY
 
     def _next_batch(self, incoming: queue.Queue) -> tuple[list[pb.Event], _End | None]:
-        """Up to batch_max events: whatever is there now, waiting at most batch_wait for more."""
-        batch: list[pb.Event] = []
+        """The next batch the agent sent, joined by those already queued behind it up to
+        batch_max events (one transaction for them all when the store falls behind); never
+        waits for more than the first."""
+        events: list[pb.Event] = []
         try:
-            first = incoming.get(timeout=0.5)
+            item = incoming.get(timeout=0.5)
         except queue.Empty:
-            return batch, None
-        if isinstance(first, _End):
-            return batch, first
-        batch.append(first)
-        deadline = time.monotonic() + self._batch_wait
-        while len(batch) < self._batch_max:
-            try:
-                item = incoming.get_nowait() if incoming.qsize() else \
-                    incoming.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                break
+            return events, None
+        while True:
             if isinstance(item, _End):
-                return batch, item
-            batch.append(item)
-        return batch, None
+                return events, item
+            events.extend(item.events)
+            if len(events) >= self._batch_max:
+                return events, None
+            try:
+                item = incoming.get_nowait()
+            except queue.Empty:
+                return events, None
 
     def _store_batch(self, agent_id: str, batch: list[pb.Event]) -> None:
         rows = [row_from_message(m) for m in batch]
