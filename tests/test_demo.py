@@ -29,6 +29,7 @@ def assert_nothing_left(output: str) -> None:
     for name in namespaces:
         assert not Path("/run/netns", name).exists(), f"namespace {name} left behind"
     assert not (cgroups.warden_parent() / workload).exists(), f"cgroup of {workload} left behind"
+    assert not Path(f"/sys/fs/bpf/ew-{workload}").exists(), f"pinned maps of {workload} left behind"
     assert not files.exists(), f"{files} left behind"
     agents = subprocess.run(["pgrep", "-f", str(files)], capture_output=True, text=True).stdout
     assert agents == "", f"processes of the demo still run: {agents}"

@@ -25,7 +25,7 @@ from typing import Callable
 import grpc
 
 from agent import cgroups
-from agent.kernel.loader import detach_all
+from agent.kernel.loader import detach_all, remove_pins
 from agent.lab.dns_server import DnsServer
 from agent.lab.network import Lab
 
@@ -62,6 +62,8 @@ class Demo:
         self.tmp = Path(tempfile.mkdtemp(prefix="warden-demo-"))
         self.policy = self.tmp / "policy.yaml"
         self.socket = self.tmp / "agent.sock"
+        # Its own maps: an agent guarding this host keeps the default pin directory.
+        self.pin_dir = Path("/sys/fs/bpf") / f"ew-{self.workload}"
         self.agent: subprocess.Popen | None = None
         self.lab: Lab | None = None
         self._acted = threading.Event()  # the agent killed or quarantined the router
@@ -112,6 +114,7 @@ class Demo:
         self.agent = subprocess.Popen(
             [sys.executable, "-m", "agent.cli", "agent", "--policy", str(self.policy),
              "--state-dir", str(self.tmp / "state"), "--socket", str(self.socket),
+             "--pin-dir", str(self.pin_dir), "--metrics-listen", "off",
              "--events-file", str(self.tmp / "events.jsonl"), "--agent-id", "demo"],
             stdout=subprocess.DEVNULL, stderr=open(self.tmp / "agent.log", "w"))
         deadline = time.monotonic() + 60
@@ -187,6 +190,7 @@ class Demo:
         if cgroup.exists():
             detach_all(cgroup)  # the agent leaves them attached on purpose (fail closed)
             cgroups.remove(cgroup)
+        remove_pins(self.pin_dir)
         if self.lab is not None:
             self.lab.close()
         shutil.rmtree(self.tmp, ignore_errors=True)
