@@ -44,9 +44,11 @@ changes=0
 on_this_host() { [ "$root" = / ]; }
 systemd_running() { on_this_host && [ -d /run/systemd/system ]; }
 
-# put SRC DEST MODE: install a file only when its content or mode differs.
+# put SRC DEST MODE: install a file only when its content or mode differs; uninstall
+# removes what the manifest lists.
 put() {
   local src=$1 dest=$r$2 mode=$3
+  record "$2"
   if [ -f "$dest" ] && cmp -s "$src" "$dest" && [ "$(stat -c %a "$dest")" = "$mode" ]; then
     return
   fi
@@ -120,16 +122,11 @@ install_everything() {
   put "$here/systemd/egress-warden.tmpfiles" /etc/tmpfiles.d/egress-warden.conf 644
   put "$here/systemd/examples/litellm.service.d/egress-warden.conf" \
       /usr/share/doc/egress-warden/examples/litellm.service.d/egress-warden.conf 644
-  for f in /etc/systemd/system/egress-warden.service /etc/systemd/system/egress-warden-collector.service \
-           /etc/tmpfiles.d/egress-warden.conf \
-           /usr/share/doc/egress-warden/examples/litellm.service.d/egress-warden.conf; do
-    record "$f"
-  done
   make_directories
   if [ ! -e "$r/etc/egress-warden/policy.yaml" ]; then
     put "$here/examples/policy.yaml" /etc/egress-warden/policy.yaml 600
   fi
-  record /etc/egress-warden/policy.yaml
+  record /etc/egress-warden/policy.yaml  # also when it was there before: uninstall keeps it if edited
 
   if systemd_running; then
     systemctl daemon-reload
