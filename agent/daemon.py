@@ -262,9 +262,8 @@ class Agent:
 
     def _guard_cgroup(self, running: RunningWorkload, cgroup: Path) -> None:
         cgroup_id = cgroups.cgroup_id(cgroup)
-        self.kernel.bind_cgroup(cgroup_id, running.index)
         running.bound_ids.add(cgroup_id)
-        replaced = self.kernel.attach(cgroup)
+        replaced = self.kernel.guard(cgroup, cgroup_id, running.index)
         if replaced:
             log.info("took over %d program(s) an earlier agent attached to %s", replaced, cgroup)
         pids = cgroups.pids(cgroup)

@@ -102,22 +102,70 @@ BPF_HASH(listen_ports, struct listen_key, u8, 4096);
 BPF_F_TABLE("lpm_trie", struct allow_key, struct allow_value, allow, 262144, BPF_F_NO_PREALLOC);
 BPF_TABLE("lru_hash", u32, u32, members, 65536);
 
-// Per socket, written in process context (connect, sendmsg), where `current` is the
-// process using the socket; the backstop runs in softirq, where it is not. It holds the
-// socket's process and the last destination judged for it, so the backstop lets further
-// packets to that destination through without a trie lookup while the workload's
-// generation (bumped on every policy change) is unchanged.
-struct sock_info {
-    u64 cookie;  // the socket it describes; 0 while being rewritten
-    u64 generation;
-    u32 tgid;  // 0: not known (a socket no hook of the workload saw being connected)
-    u32 workload;
+// Per workload cgroup and CPU, found without a lookup: bpf_get_local_storage gives the storage
+// of the cgroup the running program is attached to, so the hooks learn their workload from
+// where they are attached instead of hashing the caller's cgroup id (and walking its
+// ancestors), and keep next to it the destinations this CPU last let the workload reach, under
+// the workload generation they were judged by (a policy change makes them stale). The hooks
+// run about every 15 us under a busy router and each map line they touch is a cache miss by
+// then: lines are most of what a connect costs them (bench/foundation.py).
+//
+// The agent writes it once, right after attaching (an index, zeroed entries); until then the
+// hooks find the workload by cgroup id and leave the entries alone. After that only the
+// programs write it, each on its own CPU, so a program preempted mid-write is the one way two
+// writers meet: a writer takes `writing` with a compare-and-swap, and a reader takes an entry
+// only if no write was in progress when it began or ended and none was done in between.
+#define VERDICT_CACHE_SIZE 4  // a router talks to a handful of providers
+struct cached_verdict {
+    u64 generation;  // 0: empty
+    u64 expires_ns;  // the allow entry's (a DNS answer's lifetime); 0 = never
     u8 addr[16];
     u16 port;
     u8 proto;
+    u8 pad[5];
+};
+struct guard {
+    u32 workload_plus_one;  // 0: not written yet
+    u32 seq;  // bumped by every write of an entry
+    u64 writing;
+    u32 next;  // the entry the next write replaces
+    u32 pad;
+    struct cached_verdict verdicts[VERDICT_CACHE_SIZE];  // the first shares the header's cache line
+};
+// bcc's BPF_CGROUP_STORAGE keys by (cgroup, attach type), one storage per hook; keyed by the
+// cgroup id alone, every program of the agent shares one.
+struct guard_table_t {
+    u64 key;
+    struct guard leaf;
+    struct guard *(*lookup)(u64 *);
+    int (*update)(u64 *, struct guard *);
+    struct guard *(*get_local_storage)(u64);
+};
+__attribute__((section("maps/percpu_cgroup_storage"))) struct guard_table_t guard = {0};
+BPF_ANNOTATE_KV_PAIR(guard, u64, struct guard);
+
+#define unlikely(x) __builtin_expect(!!(x), 0)
+
+// Per socket, written in process context (connect, sendmsg), where `current` is the
+// process using the socket; the backstop runs in softirq, where it is not. It holds the
+// socket's process, the last destination judged for it and what the socket sent since the
+// agent last folded it into `traffic`: the backstop lets further packets to that destination
+// through, counted in this one cache line (which the connect hook just wrote), without a trie
+// or hash lookup, while the workload's generation (bumped on every policy change) is unchanged.
+struct sock_info {
+    u64 cookie;  // the socket it describes; 0 while being rewritten
+    u64 generation;
+    u8 addr[16];
+    u32 tgid;  // 0: not known (a socket no hook of the workload saw being connected)
+    u16 workload;
+    u16 port;
+    u8 proto;
     u8 listen;  // a reply on one of the workload's listen ports: counted per port
-    u16 seen;  // packets it let through (not atomic: only decides when to keep the owner)
-    u16 kept;  // its tgid is in sock_owners too
+    u8 kept;  // its tgid is in sock_owners too
+    u8 pad;
+    u32 seen;  // packets it let through (not atomic: only decides when to keep the owner)
+    u64 packets;  // not yet in `traffic`: the agent folds them in (ew_fold), a rewrite too
+    u64 bytes;
 };
 
 // One slot per socket, at cookie % SOCK_SLOTS: a write is a few stores, where a hash or LRU
@@ -125,43 +173,16 @@ struct sock_info {
 // (measured, kernel.bpf_stats_enabled). Two sockets 2^18 cookies apart share a slot; the
 // later one wins, and the earlier one's packets take the slow path (a trie lookup) from then
 // on. So a socket's owner outlives that: sockets that pass KEEP_OWNER_AFTER packets (not
-// short requests) also get an LRU entry. Both pinned: owners survive an agent restart.
+// short requests) also get an LRU entry. Both pinned: owners and unfolded counts survive an
+// agent restart. Mmapable, because that puts the values on a page boundary: one slot, one
+// cache line (and `warden` reads unfolded counts without an agent through it).
 #define SOCK_SLOTS 262144
 #define KEEP_OWNER_AFTER 16
-BPF_TABLE_PINNED("array", u32, struct sock_info, sock_slots, SOCK_SLOTS, EW_PIN_DIR "/sock_slots");
+#define BPF_F_MMAPABLE_FLAG (1U << 10)
+BPF_TABLE_PINNED("array", u32, struct sock_info, sock_slots, SOCK_SLOTS, EW_PIN_DIR "/sock_slots", BPF_F_MMAPABLE_FLAG);
 BPF_TABLE_PINNED("lru_hash", u64, u32, sock_owners, 65536, EW_PIN_DIR "/sock_owners");
 
 #define compiler_barrier() asm volatile("" ::: "memory")
-
-static __always_inline struct sock_info *slot_of(u64 cookie) {
-    u32 index = cookie & (SOCK_SLOTS - 1);
-    return sock_slots.lookup(&index);
-}
-
-// A slot is written with its cookie cleared and read with the cookie checked before and
-// after (a sequence lock: x86 and arm64 JITs keep the order the compiler barriers fix), so
-// a reader never takes half of one socket's entry and half of another's.
-static __always_inline void write_slot(struct sock_info *info) {
-    struct sock_info *slot = slot_of(info->cookie);
-    if (!slot)
-        return;
-    slot->cookie = 0;
-    compiler_barrier();
-    __builtin_memcpy((u8 *)slot + 8, (u8 *)info + 8, sizeof(*info) - 8);
-    compiler_barrier();
-    slot->cookie = info->cookie;
-}
-
-static __always_inline int read_slot(u64 cookie, struct sock_info *out, struct sock_info **slot_out) {
-    struct sock_info *slot = slot_of(cookie);
-    if (!slot || slot->cookie != cookie)
-        return 0;
-    compiler_barrier();
-    __builtin_memcpy(out, slot, sizeof(*out));
-    compiler_barrier();
-    *slot_out = slot;
-    return slot->cookie == cookie;
-}
 
 // Outbound bytes and packets per workload, process and destination; the agent reads it
 // (agent/traffic). Pinned, so totals survive an agent restart; LRU, so it stays bounded.
@@ -179,6 +200,88 @@ struct traffic_value {
     u64 packets;
 };
 BPF_TABLE_PINNED("lru_hash", struct traffic_key, struct traffic_value, traffic, 65536, EW_PIN_DIR "/traffic");
+
+static __always_inline void add_traffic(struct traffic_key *key, u64 bytes, u64 packets) {
+    struct traffic_value *v = traffic.lookup(key);
+    if (!v) {
+        struct traffic_value first = {.bytes = bytes, .packets = packets};
+        if (traffic.insert(key, &first) == 0)
+            return;
+        v = traffic.lookup(key);  // another CPU inserted it first
+        if (!v)
+            return;
+    }
+    __sync_fetch_and_add(&v->bytes, bytes);
+    __sync_fetch_and_add(&v->packets, packets);
+}
+
+static __always_inline struct sock_info *slot_of(u64 cookie) {
+    u32 index = cookie & (SOCK_SLOTS - 1);
+    return sock_slots.lookup(&index);
+}
+
+// What a slot counted goes into `traffic` under the slot's process and destination. Each
+// counter is taken with an exchange, so a packet counted meanwhile on another CPU goes in
+// with the next fold: never lost, never twice (one fold may take its bytes, the next its
+// packet count).
+static __always_inline void fold_slot(struct sock_info *slot) {
+    if (!slot->packets && !slot->bytes)
+        return;
+    struct traffic_key key = {};
+    key.workload = slot->workload;
+    key.tgid = slot->tgid;
+    key.proto = slot->proto;
+    key.port = slot->port;
+    key.listen = slot->listen;
+    if (!slot->listen)
+        __builtin_memcpy(key.addr, slot->addr, 16);
+    u64 bytes = __sync_lock_test_and_set(&slot->bytes, 0);
+    u64 packets = __sync_lock_test_and_set(&slot->packets, 0);
+    add_traffic(&key, bytes, packets);
+}
+
+static __always_inline void count_in_slot(struct sock_info *slot, u32 len) {
+    __sync_fetch_and_add(&slot->bytes, len);
+    __sync_fetch_and_add(&slot->packets, 1);
+}
+
+// A slot is rewritten with its cookie cleared and read with the cookie checked before and
+// after (a sequence lock: x86 and arm64 JITs keep the order the compiler barriers fix), so
+// a reader never takes half of one socket's entry and half of another's. What it counted
+// for its previous socket or destination is folded first.
+static __always_inline struct sock_info *write_slot(u64 cookie, u32 tgid, u8 kept, u64 generation, u32 wl,
+                                                    const u8 addr[16], u8 proto, u16 port, u8 listen) {
+    struct sock_info *slot = slot_of(cookie);
+    if (!slot)
+        return 0;
+    fold_slot(slot);
+    slot->cookie = 0;
+    compiler_barrier();
+    slot->generation = generation;
+    __builtin_memcpy(slot->addr, addr, 16);
+    slot->tgid = tgid;
+    slot->workload = wl;
+    slot->port = port;
+    slot->proto = proto;
+    slot->listen = listen;
+    slot->kept = kept;
+    slot->seen = 0;
+    compiler_barrier();
+    slot->cookie = cookie;
+    return slot;
+}
+
+static __always_inline int read_slot(u64 cookie, struct sock_info *out, struct sock_info **slot_out) {
+    struct sock_info *slot = slot_of(cookie);
+    if (!slot || slot->cookie != cookie)
+        return 0;
+    compiler_barrier();
+    __builtin_memcpy(out, slot, sizeof(*out));
+    compiler_barrier();
+    *slot_out = slot;
+    return slot->cookie == cookie;
+}
+
 BPF_ARRAY(config, u32, 4);  // [0]: exec events for discovery wanted
 BPF_PERCPU_ARRAY(lost_events, u64, 1);
 // Backstop denials already reported, by socket cookie and policy generation: one report
@@ -230,7 +333,6 @@ static __always_inline int workload_of_cgroup(u64 id, u32 *wl) {
 static __always_inline int workload_of_current(u32 *wl) {
     if (workload_of_cgroup(bpf_get_current_cgroup_id(), wl))
         return 1;
-#pragma unroll
     for (int level = MAX_CGROUP_DEPTH - 1; level >= 1; level--) {
         u64 id = bpf_get_current_ancestor_cgroup_id(level);
         if (id && workload_of_cgroup(id, wl))
@@ -242,7 +344,6 @@ static __always_inline int workload_of_current(u32 *wl) {
 static __always_inline int workload_of_skb(struct __sk_buff *skb, u32 *wl) {
     if (workload_of_cgroup(bpf_skb_cgroup_id(skb), wl))
         return 1;
-#pragma unroll
     for (int level = MAX_CGROUP_DEPTH - 1; level >= 1; level--) {
         u64 id = bpf_skb_ancestor_cgroup_id(skb, level);
         if (id && workload_of_cgroup(id, wl))
@@ -256,33 +357,58 @@ static __always_inline struct workload_state *active_state(u32 *wl) {
     return st && st->active ? st : 0;
 }
 
-// The active workload the calling task belongs to, or NULL for tasks the policy does not guard.
-static __always_inline struct workload_state *guarded_workload_of_current(u32 *wl) {
-    return workload_of_current(wl) ? active_state(wl) : 0;
+// The storage of the cgroup the running program is attached to (and so of the socket or task
+// it judges), once the agent has named the workload in it; NULL in the moment before.
+static __always_inline struct guard *attached_guard(void) {
+    struct guard *g = guard.get_local_storage(0);
+    return g->workload_plus_one ? g : 0;
+}
+
+static __always_inline struct workload_state *named_workload(struct guard *g, u32 *wl) {
+    *wl = g->workload_plus_one - 1;
+    return active_state(wl);
+}
+
+// The active workload a cgroup hook runs for, or NULL where the policy guards nothing.
+static __always_inline struct workload_state *guarded_workload_of_current(struct guard *g, u32 *wl) {
+    if (unlikely(!g))
+        return workload_of_current(wl) ? active_state(wl) : 0;
+    return named_workload(g, wl);
+}
+
+static __always_inline struct workload_state *guarded_workload_of_skb(struct guard *g, struct __sk_buff *skb,
+                                                                      u32 *wl) {
+    if (unlikely(!g))
+        return workload_of_skb(skb, wl) ? active_state(wl) : 0;
+    return named_workload(g, wl);
 }
 
 // An expired entry (a DNS answer's lifetime is over) refuses new connections only: the
 // backstop passes `honour_expiry` 0, so established ones go on until the agent removes the
 // entry, which it does once no socket uses it.
-static __always_inline int lookup_allowed(struct allow_key *key, u8 proto, u16 port, int honour_expiry) {
+static __always_inline int lookup_allowed(struct allow_key *key, u8 proto, u16 port, int honour_expiry,
+                                          u64 *expires_ns) {
     key->proto = proto;
     key->port = port;
     struct allow_value *v = allow.lookup(key);
     if (!v)
         return 0;
+    *expires_ns = v->expires_ns;
     return !honour_expiry || v->expires_ns == 0 || v->expires_ns > bpf_ktime_get_ns();
 }
 
 // "any protocol" rules are in the trie three times (tcp, udp, any: agent/kernel/loader.py),
 // so a judgement takes two lookups: the port, then any port. The backstop does not honour
 // expiry: an address whose DNS lifetime ended closes nothing already established.
-static __always_inline int destination_allowed(u32 wl, const u8 addr[16], u8 proto, u16 port, int honour_expiry) {
+static __always_inline int destination_allowed(u32 wl, const u8 addr[16], u8 proto, u16 port, int honour_expiry,
+                                               u64 *expires_ns) {
     struct allow_key key = {};
     key.prefixlen = 64 + 128;
     key.workload = wl;
     __builtin_memcpy(key.addr, addr, 16);
     u8 listed = proto == IPPROTO_TCP || proto == IPPROTO_UDP ? proto : IPPROTO_ANY;
-    return lookup_allowed(&key, listed, port, honour_expiry) || lookup_allowed(&key, listed, PORT_ANY, honour_expiry);
+    return lookup_allowed(&key, listed, port, honour_expiry, expires_ns) ||
+           lookup_allowed(&key, listed, PORT_ANY, honour_expiry, expires_ns);
 }
 
 static __always_inline int same_address(const u8 a[16], const u8 b[16]) {
@@ -290,19 +416,40 @@ static __always_inline int same_address(const u8 a[16], const u8 b[16]) {
     return x[0] == y[0] && x[1] == y[1];
 }
 
-static __always_inline void remember_destination(u64 cookie, u32 tgid, u16 kept, struct workload_state *st, u32 wl,
-                                                 const u8 addr[16], u8 proto, u16 port, u8 listen) {
-    struct sock_info info = {};
-    info.cookie = cookie;
-    info.generation = st->generation;
-    info.tgid = tgid;
-    info.workload = wl;
-    __builtin_memcpy(info.addr, addr, 16);
-    info.port = port;
-    info.proto = proto;
-    info.listen = listen;
-    info.kept = kept;
-    write_slot(&info);
+static __always_inline int cache_holds(struct guard *c, u64 generation, const u8 addr[16], u8 proto,
+                                       u16 port) {
+    if (*(volatile u64 *)&c->writing)
+        return 0;
+    u32 seq = *(volatile u32 *)&c->seq;
+    compiler_barrier();
+    int found = 0;
+#pragma unroll
+    for (int i = 0; i < VERDICT_CACHE_SIZE; i++) {
+        struct cached_verdict *e = &c->verdicts[i];
+        if (e->generation == generation && e->port == port && e->proto == proto && same_address(e->addr, addr)) {
+            found = e->expires_ns == 0 || e->expires_ns > bpf_ktime_get_ns();
+            break;
+        }
+    }
+    compiler_barrier();
+    return found && *(volatile u32 *)&c->seq == seq && !*(volatile u64 *)&c->writing;
+}
+
+static __always_inline void cache_put(struct guard *c, u64 generation, const u8 addr[16], u8 proto, u16 port,
+                                      u64 expires_ns) {
+    if (__sync_val_compare_and_swap(&c->writing, 0, 1) != 0)
+        return;  // a program this one preempted is writing
+    struct cached_verdict *e = &c->verdicts[c->next & (VERDICT_CACHE_SIZE - 1)];
+    c->next++;
+    e->generation = generation;
+    e->expires_ns = expires_ns;
+    __builtin_memcpy(e->addr, addr, 16);
+    e->port = port;
+    e->proto = proto;
+    compiler_barrier();
+    c->seq++;
+    compiler_barrier();
+    c->writing = 0;
 }
 
 static __always_inline void ipv4_mapped(u32 ip4_be, u8 out[16]) {
@@ -340,27 +487,32 @@ static __always_inline int is_ipv4_mapped(const u8 a[16]) {
 // resolver was asked; the allowlist does not judge it (the proxy does, name by name).
 // No proxy there yet: refused (no query leaves unjudged), and the agent is told to open one.
 static __always_inline int redirect_dns(struct bpf_sock_addr *ctx, u32 wl, struct workload_state *st,
-                                        struct event *ev, int v6) {
+                                        const u8 addr[16], int v6) {
     struct dns_proxy_key pk = {.netns = bpf_get_netns_cookie(ctx), .workload = wl};
     u32 *port = dns_proxy.lookup(&pk);
     if (!port) {
-        fill_task(ev);
-        ev->kind = EV_DNS_PENDING;
-        ev->workload = wl;
-        ev->verdict = st->mode == MODE_MONITOR ? VERDICT_OBSERVE : VERDICT_DENY;
-        ev->cookie = bpf_get_socket_cookie(ctx);
-        emit(ev);
+        struct event ev = {};
+        fill_task(&ev);
+        ev.family = v6 ? AF_INET6 : AF_INET;
+        ev.dport = DNS_PORT;
+        ev.proto = (u8)ctx->protocol;
+        __builtin_memcpy(ev.daddr, addr, 16);
+        ev.kind = EV_DNS_PENDING;
+        ev.workload = wl;
+        ev.verdict = st->mode == MODE_MONITOR ? VERDICT_OBSERVE : VERDICT_DENY;
+        ev.cookie = bpf_get_socket_cookie(ctx);
+        emit(&ev);
         return st->mode == MODE_MONITOR;
     }
     struct dns_origin origin = {};
-    __builtin_memcpy(origin.addr, ev->daddr, 16);
+    __builtin_memcpy(origin.addr, addr, 16);
     origin.port = bpf_htons(DNS_PORT);
     origin.proxy_port = bpf_htons((u16)*port);
     u64 cookie = bpf_get_socket_cookie(ctx);
     dns_origin.update(&cookie, &origin);
     if (!v6) {
         ctx->user_ip4 = bpf_htonl(0x7f000001);
-    } else if (is_ipv4_mapped(ev->daddr)) {
+    } else if (is_ipv4_mapped(addr)) {
         ctx->user_ip6[0] = 0;
         ctx->user_ip6[1] = 0;
         ctx->user_ip6[2] = bpf_htonl(0xffff);
@@ -411,46 +563,70 @@ int ew_recvmsg6(struct bpf_sock_addr *ctx) { return restore_dns_origin(ctx, 1); 
 int ew_getpeername4(struct bpf_sock_addr *ctx) { return restore_dns_origin(ctx, 0); }
 int ew_getpeername6(struct bpf_sock_addr *ctx) { return restore_dns_origin(ctx, 1); }
 
+// A destination this CPU let the workload reach a moment ago, under the same policy, comes
+// from the cgroup's storage; anything else from the trie.
+static __always_inline int judge_destination(struct guard *g, struct workload_state *st, u32 wl, const u8 addr[16],
+                                             u8 proto, u16 port) {
+    if (st->quarantined)
+        return verdict_for(st, 0);
+    if (g && cache_holds(g, st->generation, addr, proto, port))
+        return VERDICT_ALLOW;
+    u64 expires_ns = 0;
+    int allowed = destination_allowed(wl, addr, proto, port, 1, &expires_ns);
+    if (allowed && g)
+        cache_put(g, st->generation, addr, proto, port, expires_ns);
+    return verdict_for(st, allowed);
+}
+
+static __always_inline void report_sock_addr(u32 kind, u32 wl, int verdict, u64 cookie, const u8 addr[16], u8 proto,
+                                             u16 port, int v6) {
+    struct event ev = {};
+    fill_task(&ev);
+    ev.kind = kind;
+    ev.workload = wl;
+    ev.verdict = verdict;
+    ev.cookie = cookie;
+    ev.family = v6 ? AF_INET6 : AF_INET;
+    ev.dport = port;
+    ev.proto = proto;
+    __builtin_memcpy(ev.daddr, addr, 16);
+    emit(&ev);
+}
+
 // connect4/6 and sendmsg4/6 share one check. Returns 1 to let the call through, 0 for EPERM.
+// An allowed call builds no record: the hooks run on every connect of a busy router.
 static __always_inline int check_sock_addr(struct bpf_sock_addr *ctx, u32 kind, int v6) {
+    struct guard *g = attached_guard();
     u32 wl;
-    struct workload_state *st = guarded_workload_of_current(&wl);
+    struct workload_state *st = guarded_workload_of_current(g, &wl);
     if (!st)
         return 1;
 
-    struct event ev = {};
+    u8 addr[16];
     if (v6) {
         u32 ip6[4];
         ip6[0] = ctx->user_ip6[0];
         ip6[1] = ctx->user_ip6[1];
         ip6[2] = ctx->user_ip6[2];
         ip6[3] = ctx->user_ip6[3];
-        __builtin_memcpy(ev.daddr, ip6, 16);
-        ev.family = AF_INET6;
+        __builtin_memcpy(addr, ip6, 16);
     } else {
-        ipv4_mapped(ctx->user_ip4, ev.daddr);
-        ev.family = AF_INET;
+        ipv4_mapped(ctx->user_ip4, addr);
     }
-    ev.dport = bpf_ntohs((u16)ctx->user_port);
-    ev.proto = (u8)ctx->protocol;
+    u16 port = bpf_ntohs((u16)ctx->user_port);
+    u8 proto = (u8)ctx->protocol;
 
-    if (st->dns && ev.dport == DNS_PORT && !st->quarantined)
-        return redirect_dns(ctx, wl, st, &ev, v6);
+    if (unlikely(st->dns && port == DNS_PORT && !st->quarantined))
+        return redirect_dns(ctx, wl, st, addr, v6);
 
-    int verdict = verdict_for(st, destination_allowed(wl, ev.daddr, ev.proto, ev.dport, 1));
+    int verdict = judge_destination(g, st, wl, addr, proto, port);
     u64 cookie = bpf_get_socket_cookie(ctx);
     if (verdict != VERDICT_DENY) {
-        remember_destination(cookie, bpf_get_current_pid_tgid() >> 32, 0, st, wl, ev.daddr, ev.proto, ev.dport, 0);
+        write_slot(cookie, bpf_get_current_pid_tgid() >> 32, 0, st->generation, wl, addr, proto, port, 0);
         if (verdict == VERDICT_ALLOW)
             return 1;
     }
-
-    fill_task(&ev);
-    ev.kind = kind;
-    ev.workload = wl;
-    ev.verdict = verdict;
-    ev.cookie = cookie;
-    emit(&ev);
+    report_sock_addr(kind, wl, verdict, cookie, addr, proto, port, v6);
     return verdict == VERDICT_OBSERVE;
 }
 
@@ -464,7 +640,7 @@ int ew_sock_create(struct bpf_sock *sk) {
     if (sk->type != SOCK_RAW_TYPE)
         return 1;
     u32 wl;
-    struct workload_state *st = guarded_workload_of_current(&wl);
+    struct workload_state *st = guarded_workload_of_current(attached_guard(), &wl);
     if (!st)
         return 1;
     struct event ev = {};
@@ -561,33 +737,15 @@ static __always_inline int is_listen_reply(u32 wl, struct packet_dest *d) {
     return d->has_ports && d->proto == IPPROTO_TCP && listen_ports.lookup(&lk);
 }
 
-static __always_inline void count(u32 tgid, u32 wl, int listen, struct packet_dest *d,
-                                  u32 len) {
+// A packet without ports (a later fragment, another protocol) has no socket destination for a
+// slot to be judged by: it goes into `traffic` itself.
+static __always_inline void count_portless(u32 tgid, u32 wl, struct packet_dest *d, u32 len) {
     struct traffic_key key = {};
     key.workload = wl;
     key.tgid = tgid;
     key.proto = d->proto;
-    if (listen) {
-        key.listen = 1;
-        key.port = d->sport;
-    } else {
-        __builtin_memcpy(key.addr, d->addr, 16);
-        key.port = d->dport;
-    }
-    struct traffic_value *v = traffic.lookup(&key);
-    if (v) {
-        __sync_fetch_and_add(&v->bytes, len);
-        __sync_fetch_and_add(&v->packets, 1);
-        return;
-    }
-    struct traffic_value first = {.bytes = len, .packets = 1};
-    if (traffic.insert(&key, &first) == 0)
-        return;
-    v = traffic.lookup(&key);  // another CPU inserted it first
-    if (v) {
-        __sync_fetch_and_add(&v->bytes, len);
-        __sync_fetch_and_add(&v->packets, 1);
-    }
+    __builtin_memcpy(key.addr, d->addr, 16);
+    add_traffic(&key, len, 1);
 }
 
 static __always_inline void report_backstop(struct __sk_buff *skb, u64 cookie, struct workload_state *st, u32 wl,
@@ -631,7 +789,7 @@ int ew_egress(struct __sk_buff *skb) {
         struct workload_state *cached = workloads.lookup(&cached_wl);
         if (cached && cached->active && cached->generation == info.generation && info.proto == d.proto &&
             (info.listen ? info.port == d.sport : info.port == d.dport && same_address(info.addr, d.addr))) {
-            count(info.tgid, cached_wl, info.listen, &d, skb->len);
+            count_in_slot(slot, skb->len);
             if (!info.kept && info.tgid && ++slot->seen >= KEEP_OWNER_AFTER) {
                 slot->kept = 1;
                 sock_owners.update(&cookie, &info.tgid);
@@ -641,18 +799,20 @@ int ew_egress(struct __sk_buff *skb) {
     }
 
     u32 wl;
-    struct workload_state *st = workload_of_skb(skb, &wl) ? active_state(&wl) : 0;
+    struct workload_state *st = guarded_workload_of_skb(attached_guard(), skb, &wl);
     if (!st)
         return 1;
     int listen = is_listen_reply(wl, &d);
-    int verdict = verdict_for(st, listen || destination_allowed(wl, d.addr, d.proto, d.has_ports ? d.dport : PORT_ANY, 0) ||
+    u64 expires_ns;
+    int verdict = verdict_for(st, listen ||
+                                  destination_allowed(wl, d.addr, d.proto, d.has_ports ? d.dport : PORT_ANY, 0, &expires_ns) ||
                                   (d.has_ports && to_dns_proxy(skb, wl, &d)));
     if (verdict != VERDICT_ALLOW)
         report_backstop(skb, cookie, st, wl, &d, verdict);
     if (verdict == VERDICT_DENY)
         return 0;
     u32 tgid = 0;
-    u16 kept = 0;
+    u8 kept = 0;
     if (known) {
         tgid = info.tgid;
         kept = info.kept;
@@ -663,10 +823,35 @@ int ew_egress(struct __sk_buff *skb) {
             kept = 1;
         }
     }
-    if (d.has_ports)
-        remember_destination(cookie, tgid, kept, st, wl, d.addr, d.proto, listen ? d.sport : d.dport, listen);
-    count(tgid, wl, listen, &d, skb->len);
+    struct sock_info *counted = d.has_ports ? write_slot(cookie, tgid, kept, st->generation, wl, d.addr, d.proto,
+                                                         listen ? d.sport : d.dport, listen) : 0;
+    if (counted)
+        count_in_slot(counted, skb->len);
+    else
+        count_portless(tgid, wl, &d, skb->len);
     return 1;
+}
+
+// Run by the agent through BPF_PROG_TEST_RUN (it is never attached) before it reads
+// `traffic`: each run folds the next FOLD_PER_RUN slots, so SOCK_SLOTS / FOLD_PER_RUN runs
+// (one syscall) fold them all. The verifier walks every iteration, and refuses many more.
+#define FOLD_PER_RUN 256
+BPF_ARRAY(fold_cursor, u32, 1);
+int ew_fold(struct __sk_buff *skb) {
+    u32 zero = 0;
+    u32 *cursor = fold_cursor.lookup(&zero);
+    if (!cursor)
+        return 0;
+    u32 start = *cursor & (SOCK_SLOTS - 1) & ~(FOLD_PER_RUN - 1);
+    *cursor = start + FOLD_PER_RUN;
+    for (u32 i = 0; i < FOLD_PER_RUN; i++) {
+        u32 index = start + i;
+        struct sock_info *slot = sock_slots.lookup(&index);
+        if (!slot)
+            break;
+        fold_slot(slot);
+    }
+    return 0;
 }
 
 // Membership by tgid lets cgroup_attach_task tell a workload process leaving its cgroup.

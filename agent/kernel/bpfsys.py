@@ -1,9 +1,11 @@
 """The few bpf(2) commands bcc does not offer: listing, attaching and detaching the
-programs on a cgroup by id. They are what lets a restarted agent find and replace the
-attachments of the one before it."""
+programs on a cgroup by id (what lets a restarted agent find and replace the attachments
+of the one before it), writing cgroup storage, running a program once from user space, and
+reading pinned maps without loading any program."""
 from __future__ import annotations
 
 import ctypes
+import mmap
 import os
 import platform
 import struct
@@ -11,10 +13,12 @@ from dataclasses import dataclass
 
 _BPF_SYSCALL = {"x86_64": 321, "aarch64": 280}[platform.machine()]
 _BPF_MAP_LOOKUP_ELEM = 1
+_BPF_MAP_UPDATE_ELEM = 2
 _BPF_MAP_GET_NEXT_KEY = 4
 _BPF_OBJ_GET = 7
 _BPF_PROG_ATTACH = 8
 _BPF_PROG_DETACH = 9
+_BPF_PROG_TEST_RUN = 10
 _BPF_PROG_GET_FD_BY_ID = 13
 _BPF_MAP_GET_FD_BY_ID = 14
 _BPF_OBJ_GET_INFO_BY_FD = 15
@@ -132,15 +136,35 @@ def map_lookup(map_id: int, key: bytes, value_size: int) -> bytes | None:
     """The value under `key` in the map with id `map_id`, or None when there is none."""
     fd = _bpf(_BPF_MAP_GET_FD_BY_ID, _attr("I", map_id))
     try:
-        key_buf = ctypes.create_string_buffer(key, len(key))
-        value = ctypes.create_string_buffer(value_size)
-        try:
-            _bpf(_BPF_MAP_LOOKUP_ELEM, _attr("IIQQ", fd, 0, ctypes.addressof(key_buf), ctypes.addressof(value)))
-        except FileNotFoundError:
-            return None
-        return value.raw
+        return map_lookup_fd(fd, key, value_size)
     finally:
         os.close(fd)
+
+
+def map_lookup_fd(map_fd: int, key: bytes, value_size: int) -> bytes | None:
+    key_buf = ctypes.create_string_buffer(key, len(key))
+    value = ctypes.create_string_buffer(value_size)
+    try:
+        _bpf(_BPF_MAP_LOOKUP_ELEM, _attr("IIQQ", map_fd, 0, ctypes.addressof(key_buf), ctypes.addressof(value)))
+    except FileNotFoundError:
+        return None
+    return value.raw
+
+
+def map_update(map_fd: int, key: bytes, value: bytes) -> None:
+    key_buf = ctypes.create_string_buffer(key, len(key))
+    value_buf = ctypes.create_string_buffer(value, len(value))
+    _bpf(_BPF_MAP_UPDATE_ELEM, _attr("IIQQQ", map_fd, 0, ctypes.addressof(key_buf), ctypes.addressof(value_buf), 0))
+
+
+def test_run(prog_fd: int, repeat: int, data: bytes = bytes(64)) -> int:
+    """Run the program `repeat` times on a made-up packet (`data`, from its Ethernet header on)
+    and return what its last run returned."""
+    data_buf = ctypes.create_string_buffer(data, len(data))
+    # prog_fd, retval, data_size_in, data_size_out, data_in, data_out, repeat, duration
+    attr = _attr("IIIIQQII", prog_fd, 0, len(data), 0, ctypes.addressof(data_buf), 0, repeat, 0)
+    _bpf(_BPF_PROG_TEST_RUN, attr)
+    return struct.unpack_from("I", attr, 4)[0]
 
 
 @dataclass(frozen=True)
@@ -149,6 +173,7 @@ class MapLayout:
     key_size: int
     value_size: int
     max_entries: int
+    flags: int = 0
 
 
 def open_pinned(path: str) -> int:
@@ -182,13 +207,23 @@ def pinned_map_items(path: str, key_size: int, value_size: int) -> list[tuple[by
         os.close(fd)
 
 
+def pinned_array_bytes(path: str, size: int) -> bytes:
+    """The values of the mmapable array pinned at `path`, `size` bytes of them, read in one go."""
+    fd = open_pinned(path)
+    try:
+        with mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ) as mapped:
+            return mapped[:]
+    finally:
+        os.close(fd)
+
+
 def pinned_map_layout(path: str) -> MapLayout:
     """Type, key and value sizes and capacity of the map pinned at `path` (FileNotFoundError if none)."""
     fd = open_pinned(path)
     try:
         info = ctypes.create_string_buffer(_MAP_INFO_SIZE)
         _bpf(_BPF_OBJ_GET_INFO_BY_FD, _attr("IIQ", fd, _MAP_INFO_SIZE, ctypes.addressof(info)))
-        map_type, _id, key_size, value_size, max_entries = struct.unpack_from("IIIII", info, 0)
-        return MapLayout(map_type, key_size, value_size, max_entries)
+        map_type, _id, key_size, value_size, max_entries, flags = struct.unpack_from("IIIIII", info, 0)
+        return MapLayout(map_type, key_size, value_size, max_entries, flags)
     finally:
         os.close(fd)

@@ -7,6 +7,7 @@ import ipaddress
 import logging
 import os
 import socket
+import struct
 import threading
 import time
 from dataclasses import dataclass
@@ -30,13 +31,24 @@ _TRIE_PROTOCOLS = {"any": ("any", "tcp", "udp"), "tcp": ("tcp",), "udp": ("udp",
 DEFAULT_PIN_DIR = Path("/sys/fs/bpf/egress-warden")
 _BPF_MAP_TYPE_ARRAY = 2
 _BPF_MAP_TYPE_LRU_HASH = 9
+_BPF_F_MMAPABLE = 1 << 10
+SOCK_SLOTS = 262144  # bpf/warden.bpf.c
+_FOLD_PER_RUN = 256  # bpf/warden.bpf.c: slots one run of ew_fold folds
 # The layout bpf/warden.bpf.c gives its pinned maps. bcc reuses a pinned map whatever its
 # layout and the verifier then refuses the programs with a bare EACCES, so it is checked first.
 PINNED_MAPS = {
     "traffic": bpfsys.MapLayout(_BPF_MAP_TYPE_LRU_HASH, 32, 16, 65536),
-    "sock_slots": bpfsys.MapLayout(_BPF_MAP_TYPE_ARRAY, 4, 48, 262144),
+    "sock_slots": bpfsys.MapLayout(_BPF_MAP_TYPE_ARRAY, 4, 64, SOCK_SLOTS, _BPF_F_MMAPABLE),
     "sock_owners": bpfsys.MapLayout(_BPF_MAP_TYPE_LRU_HASH, 8, 4, 65536),
 }
+# Layouts of earlier versions that are replaced, not refused: their loss costs only the owners
+# of sockets opened before the upgrade (counted under pid 0 from then on), no counted byte.
+REPLACED_LAYOUTS = {
+    "sock_slots": bpfsys.MapLayout(_BPF_MAP_TYPE_ARRAY, 4, 48, SOCK_SLOTS),  # 0.1: no counters in slots
+}
+_GUARD_KEY = struct.Struct("=Q")  # struct guard is keyed by cgroup id alone
+_GUARD_SIZE = 184  # sizeof(struct guard): workload_plus_one, then what only the programs write
+_GUARD_SETTLE_SECONDS = 0.05  # for a program that read the old workload to finish
 
 
 @dataclass(frozen=True)
@@ -87,7 +99,8 @@ class KernelPrograms:
     """The loaded program set. One instance per agent; attach it to any number of cgroups."""
 
     def __init__(self, source: Path = BPF_SOURCE, pin_dir: Path = DEFAULT_PIN_DIR) -> None:
-        from bcc import BPF
+        from bcc import BPF, lib
+        from bcc.utils import get_possible_cpus
 
         started = time.monotonic()
         self.pin_dir = Path(pin_dir)
@@ -101,6 +114,9 @@ class KernelPrograms:
             for h in self._hooks
         }
         self._own_ids = {bpfsys.program_id(f.fd) for f in self._functions.values()}
+        self._fold = self._bpf.load_func(b"ew_fold", BPF.SOCKET_FILTER)
+        self._guard_fd = lib.bpf_table_fd(self._bpf.module, b"guard")
+        self._cpus = len(get_possible_cpus())  # a per-CPU value holds one copy for each
         self._allow = self._bpf[b"allow"]
         self._allowed: dict[int, set[tuple[bytes, int]]] = {}
         # DNS answers' entries by workload: (key bytes, prefixlen) -> expires_ns. Written by
@@ -114,24 +130,42 @@ class KernelPrograms:
 
     # --- attachment ---------------------------------------------------------------
 
-    def attach(self, cgroup: Path) -> int:
-        """Attach every hook to `cgroup`, then detach what an earlier agent left there.
-        Ours go on first, so there is no moment without enforcement. Returns how many
-        stale programs were replaced."""
+    def guard(self, cgroup: Path, cgroup_id: int, index: int) -> int:
+        """Enforce workload `index` on `cgroup`: bind its id, attach every hook, name the
+        workload in the cgroup's storage, then detach what an earlier agent left there. Ours go
+        on first, so there is no moment without enforcement (and until the storage is written,
+        ours find the workload by the id bound before). Returns how many stale programs were
+        replaced."""
+        self._bpf[b"cgroup_workload"][ctypes.c_uint64(cgroup_id)] = ctypes.c_uint32(index)
         fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
-        replaced = 0
         try:
+            stale = []
             for hook in self._hooks:
                 attached = bpfsys.attached_programs(fd, hook.attach_type)
                 if not any(p.id in self._own_ids for p in attached):
                     bpfsys.attach(self._functions[hook.function].fd, fd, hook.attach_type)
-                for stale in attached:
-                    if stale.name == hook.function and stale.id not in self._own_ids:
-                        bpfsys.detach_by_id(stale.id, fd, hook.attach_type)
-                        replaced += 1
+                stale += [(hook, p) for p in attached if p.name == hook.function and p.id not in self._own_ids]
+            self._name_workload(cgroup_id, index)
+            for hook, program in stale:
+                bpfsys.detach_by_id(program.id, fd, hook.attach_type)
         finally:
             os.close(fd)
-        return replaced
+        return len(stale)
+
+    def _name_workload(self, cgroup_id: int, index: int) -> None:
+        """Write the workload into the cgroup's storage (on every CPU), once: the programs own
+        the rest of it from then on, and a write from here would race theirs. Only a cgroup that
+        changes workload is written again, by way of 0 (no entry read or written) for a moment."""
+        key = _GUARD_KEY.pack(cgroup_id)
+        current = bpfsys.map_lookup_fd(self._guard_fd, key, _GUARD_SIZE * self._cpus)
+        named = int.from_bytes(current[:4], "little") if current else 0
+        if named == index + 1:
+            return
+        if named:
+            bpfsys.map_update(self._guard_fd, key, bytes(_GUARD_SIZE * self._cpus))
+            time.sleep(_GUARD_SETTLE_SECONDS)
+        per_cpu = (index + 1).to_bytes(4, "little") + bytes(_GUARD_SIZE - 4)
+        bpfsys.map_update(self._guard_fd, key, per_cpu * self._cpus)
 
     def detach(self, cgroup: Path) -> None:
         detach_all(cgroup)
@@ -156,9 +190,6 @@ class KernelPrograms:
         self.replace_allowlist(index, [])
         self.forget_dns_entries(index)
         self.set_listen_ports(index, [])
-
-    def bind_cgroup(self, cgroup_id: int, index: int) -> None:
-        self._bpf[b"cgroup_workload"][ctypes.c_uint64(cgroup_id)] = ctypes.c_uint32(index)
 
     def unbind_cgroup(self, cgroup_id: int) -> None:
         table = self._bpf[b"cgroup_workload"]
@@ -292,7 +323,9 @@ class KernelPrograms:
     # --- traffic counters ----------------------------------------------------------------
 
     def traffic_counters(self) -> list[TrafficCounter]:
-        """Every (workload, process, destination) counter the kernel holds, cumulative."""
+        """Every (workload, process, destination) counter the kernel holds, cumulative: what
+        the sockets counted since the last call is folded in first."""
+        bpfsys.test_run(self._fold.fd, repeat=SOCK_SLOTS // _FOLD_PER_RUN)
         return [_traffic_counter(k, v) for k, v in self._bpf[b"traffic"].items()]
 
     # --- events ----------------------------------------------------------------------
@@ -348,10 +381,41 @@ def _traffic_counter(k, v) -> TrafficCounter:
                           protocol=k.proto, listen=bool(k.listen), bytes=v.bytes, packets=v.packets)
 
 
+# struct sock_info: cookie, generation, addr, tgid, workload, port, proto, listen, kept, pad,
+# seen, packets, bytes (the last two not yet folded into `traffic`).
+_SLOT = struct.Struct("=QQ16sIHHBBBBIQQ")
+_SLOT_PACKETS, _SLOT_BYTES = 6, 7  # their index in the slot as eight u64
+
+
 def read_pinned_traffic(pin_dir: Path) -> list[TrafficCounter]:
-    """The byte counters an agent pinned in `pin_dir`, read without the agent."""
+    """The byte counters an agent pinned in `pin_dir`, read without the agent: `traffic`, plus
+    what the sockets counted since the agent last folded their slots into it."""
+    totals: dict[tuple, list[int]] = {}
+
+    def add(key: tuple, byte_count: int, packet_count: int) -> None:
+        total = totals.setdefault(key, [0, 0])
+        total[0] += byte_count
+        total[1] += packet_count
+
     items = bpfsys.pinned_map_items(str(pin_dir / "traffic"), ctypes.sizeof(_TrafficKey), ctypes.sizeof(_TrafficValue))
-    return [_traffic_counter(_TrafficKey.from_buffer_copy(k), _TrafficValue.from_buffer_copy(v)) for k, v in items]
+    for raw_key, raw_value in items:
+        k, v = _TrafficKey.from_buffer_copy(raw_key), _TrafficValue.from_buffer_copy(raw_value)
+        add((k.workload, k.tgid, bytes(k.addr), k.port, k.proto, bool(k.listen)), v.bytes, v.packets)
+    for slot in _unfolded_slots(pin_dir / "sock_slots"):
+        _, _, addr, tgid, workload, port, proto, listen, _, _, _, packets, byte_count = slot
+        add((workload, tgid, bytes(16) if listen else addr, port, proto, bool(listen)), byte_count, packets)
+    return [TrafficCounter(workload=w, tgid=t, address=_address_text(a), port=port, protocol=proto, listen=listen,
+                           bytes=b, packets=n) for (w, t, a, port, proto, listen), (b, n) in totals.items()]
+
+
+def _unfolded_slots(path: Path) -> list[tuple]:
+    try:
+        data = bpfsys.pinned_array_bytes(str(path), SOCK_SLOTS * _SLOT.size)
+    except FileNotFoundError:
+        return []
+    words = memoryview(data).cast("Q")
+    packets, byte_counts = words[_SLOT_PACKETS::8], words[_SLOT_BYTES::8]
+    return [_SLOT.unpack_from(data, i * _SLOT.size) for i in range(SOCK_SLOTS) if packets[i] or byte_counts[i]]
 
 
 def _address_text(packed: bytes) -> str | None:
@@ -373,8 +437,14 @@ def check_pinned_maps(pin_dir: Path) -> None:
             found = bpfsys.pinned_map_layout(str(path))
         except FileNotFoundError:
             continue
-        if found != expected:
-            raise PinnedMapError(
+        if found == expected:
+            continue
+        if found == REPLACED_LAYOUTS.get(name):
+            # Unpinning leaves the map to the older agent's programs until this one takes over.
+            path.unlink()
+            log.warning("replaced %s, pinned by an earlier version with another layout (%s)", path, found)
+            continue
+        raise PinnedMapError(
                 f"{path} is pinned with another layout ({found}) than this version of Egress Warden "
                 f"uses ({expected}): an older or newer agent made it. Remove it (rm {path}; this resets "
                 f"the byte counters) or start the agent with another --pin-dir")
