@@ -1,12 +1,13 @@
 """Foundation benchmark: what the agent costs and how fast it acts, measured in one run.
 
-    python bench/foundation.py [--connects N] [--kills N] [-o table|json]
+    python bench/foundation.py [--blocks N] [--block-size N] [--kills N] [-o table|json]
 
 1. agent start to enforcing: wall time from spawning `warden agent` to its
    agent_started event, and the agent's own startup_seconds (median of 3 starts)
-2. the agent's RSS once started
-3. TCP connect rate of a process in ROUTER to a server in NET, under `warden run`
-   against the same client outside any workload (interleaved rounds, medians, ratio)
+2. the agent's RSS once started, and the CPU it spends while idle
+3. TCP connect rate of a process in ROUTER to a server in NET under `warden run`, against
+   the same client outside any workload: two clients take turns in short blocks, pinned
+   to one CPU and the server to the other (see measure_connect_rates)
 4. time from a violation of an on_violation: kill workload to its last process gone
 """
 from __future__ import annotations
@@ -34,9 +35,9 @@ from agent.lab.network import Lab
 PROVIDER_PORT = 443
 ATTACKER_PORT = 443
 STARTS = 3
-CONNECT_ROUNDS = 5
 CHILDREN_PER_VIOLATOR = 3
 RSS_SETTLE_SECONDS = 1.0
+IDLE_CPU_SECONDS = 5.0
 KILL_TIMEOUT_SECONDS = 5.0
 TARGET_RATE_RATIO = 0.97
 TARGET_KILL_P99_MS = 50.0
@@ -52,22 +53,24 @@ while True:
         pass  # the client reset it before we got to it
 """
 
-# Reset on close (SO_LINGER 0): no TIME_WAIT, so tens of thousands of connects never
-# run out of ephemeral ports. Times only its own loop: interpreter start-up is excluded.
+# For each line N on stdin: N connects, each closed with a reset (SO_LINGER 0: no TIME_WAIT,
+# so hundreds of thousands of connects never run out of ephemeral ports), then one JSON line
+# with their wall and CPU seconds. thread_time() is the scheduler's exact count; reading
+# /proc/thread-self/schedstat instead gives the count as of the last tick (4 ms steps here).
 CONNECT_CLIENT = """
 import json, socket, struct, sys, time
-host, port, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+host, port = sys.argv[1], int(sys.argv[2])
 reset_on_close = struct.pack("ii", 1, 0)
-def on_cpu_seconds():  # the scheduler's own count, in ns: exact, where process_time() is sampled per tick
-    return int(open("/proc/thread-self/schedstat").read().split()[0]) / 1e9
-started, cpu_started = time.perf_counter(), on_cpu_seconds()
-for _ in range(count):
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, reset_on_close)
-        s.connect((host, port))
-seconds, cpu_seconds = time.perf_counter() - started, on_cpu_seconds() - cpu_started
 cgroup = next(line[3:].strip() for line in open("/proc/self/cgroup") if line.startswith("0::"))
-print(json.dumps({"seconds": seconds, "cpu_seconds": cpu_seconds, "cgroup": cgroup}))
+print(json.dumps({"cgroup": cgroup}), flush=True)
+for line in sys.stdin:
+    started, cpu_started = time.perf_counter(), time.thread_time()
+    for _ in range(int(line)):
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, reset_on_close)
+            s.connect((host, port))
+    print(json.dumps({"seconds": time.perf_counter() - started, "cpu_seconds": time.thread_time() - cpu_started}),
+          flush=True)
 """
 
 # Prints CLOCK_MONOTONIC right before the forbidden connect; the agent then kills it.
@@ -87,13 +90,42 @@ time.sleep(60)
 
 
 @dataclass
+class ConnectComparison:
+    """Wall and CPU seconds of each block of connects, without and with the agent; block i of
+    one side ran right before or after block i of the other."""
+
+    block_size: int
+    without: list[dict[str, float]]
+    with_agent: list[dict[str, float]]
+
+    def ratio(self, measure: str) -> float:
+        """Connects per `measure` ("seconds" or "cpu_seconds") with the agent over without, all
+        blocks together."""
+        return sum(b[measure] for b in self.without) / sum(b[measure] for b in self.with_agent)
+
+    def pair_ratios(self, measure: str) -> list[float]:
+        return [w[measure] / a[measure] for w, a in zip(self.without, self.with_agent)]
+
+    def summary(self) -> dict[str, float]:
+        pairs = self.pair_ratios("seconds")
+        return {
+            "rate_without_agent": self.block_size * len(self.without) / sum(b["seconds"] for b in self.without),
+            "rate_with_agent": self.block_size * len(self.with_agent) / sum(b["seconds"] for b in self.with_agent),
+            "rate_ratio": self.ratio("seconds"),
+            "rate_ratio_cpu": self.ratio("cpu_seconds"),
+            "rate_ratio_pairs_p10": percentile(pairs, 10),
+            "rate_ratio_pairs_median": statistics.median(pairs),
+            "rate_ratio_pairs_p90": percentile(pairs, 90),
+        }
+
+
+@dataclass
 class Results:
     startup_wall_seconds: list[float]
     startup_own_seconds: list[float]
     rss_mib: float
-    connects_per_round: int
-    rates_without_agent: list[float]
-    rates_with_agent: list[float]
+    idle_cpu_ms_per_second: float
+    connects: ConnectComparison
     kill_ms: list[float]
     agent_kill_ms: list[float]
 
@@ -102,17 +134,13 @@ class Results:
             "startup_wall_seconds_median": statistics.median(self.startup_wall_seconds),
             "startup_own_seconds_median": statistics.median(self.startup_own_seconds),
             "rss_mib": self.rss_mib,
-            "rate_without_agent_median": statistics.median(self.rates_without_agent),
-            "rate_with_agent_median": statistics.median(self.rates_with_agent),
-            "rate_ratio": self.rate_ratio(),
+            "idle_cpu_ms_per_second": self.idle_cpu_ms_per_second,
+            **self.connects.summary(),
             "kill_ms_p50": statistics.median(self.kill_ms),
             "kill_ms_p99": percentile(self.kill_ms, 99),
             "agent_kill_ms_p50": statistics.median(self.agent_kill_ms),
             "agent_kill_ms_p99": percentile(self.agent_kill_ms, 99),
         }
-
-    def rate_ratio(self) -> float:
-        return statistics.median(self.rates_with_agent) / statistics.median(self.rates_without_agent)
 
 
 def bench_policy(connect_workload: str, kill_workload: str) -> str:
@@ -153,8 +181,28 @@ def settled_rss_mib(agent: AgentProcess) -> float:
     return psutil.Process(agent.process.pid).memory_info().rss / 2**20
 
 
-def start_accept_server(lab: Lab) -> None:
-    server = lab.run_in_net([sys.executable, "-c", ACCEPT_SERVER, Lab.PROVIDER4, str(PROVIDER_PORT)],
+def idle_cpu_ms_per_second(agent: AgentProcess, seconds: float = IDLE_CPU_SECONDS) -> float:
+    """CPU the agent spends guarding workloads that do nothing (its once-a-second accounting)."""
+    process = psutil.Process(agent.process.pid)
+    before = process.cpu_times()
+    time.sleep(seconds)
+    after = process.cpu_times()
+    return (after.user + after.system - before.user - before.system) * 1000 / seconds
+
+
+def client_and_server_cpus() -> tuple[int | None, int | None]:
+    """Two CPUs, one for the connect clients and one for the server, so that they never queue
+    behind each other; none on a machine with one."""
+    available = sorted(os.sched_getaffinity(0))
+    return (available[0], available[1]) if len(available) >= 2 else (None, None)
+
+
+def pinned(cpu: int | None, argv: list[str]) -> list[str]:
+    return argv if cpu is None else ["taskset", "-c", str(cpu), *argv]
+
+
+def start_accept_server(lab: Lab, cpu: int | None = None) -> None:
+    server = lab.run_in_net(pinned(cpu, [sys.executable, "-c", ACCEPT_SERVER, Lab.PROVIDER4, str(PROVIDER_PORT)]),
                             stdout=subprocess.PIPE, text=True)
     if server.stdout.readline().strip() != "ready":
         raise RuntimeError(f"accept server did not start (exit {server.wait()})")
@@ -166,38 +214,59 @@ def own_cgroup() -> str:
                 if line.startswith("0::"))
 
 
-def client_run(lab: Lab, argv: list[str], expected_cgroup: str) -> dict[str, Any]:
-    """One connect client run's seconds (wall and CPU); checks it ran in the cgroup it was meant to."""
-    client = lab.run_in_router(argv, stdout=subprocess.PIPE, text=True)
-    out, _ = client.communicate(timeout=120)
-    if client.returncode != 0:
-        raise RuntimeError(f"connect client failed (exit {client.returncode}): {out}")
-    result = json.loads(out)
-    if result["cgroup"] != expected_cgroup:
-        raise RuntimeError(f"connect client ran in {result['cgroup']}, not in {expected_cgroup}")
-    return result
+class ConnectClient:
+    """A CONNECT_CLIENT process in ROUTER, checked to run in the cgroup it was meant to."""
+
+    def __init__(self, lab: Lab, argv: list[str], expected_cgroup: str) -> None:
+        self.process = lab.run_in_router(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        cgroup = self._reply()["cgroup"]
+        if cgroup != expected_cgroup:
+            raise RuntimeError(f"connect client runs in {cgroup}, not in {expected_cgroup}")
+
+    def connect(self, count: int) -> dict[str, float]:
+        """Wall and CPU seconds of `count` connects."""
+        self.process.stdin.write(f"{count}\n")
+        self.process.stdin.flush()
+        return self._reply()
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait(timeout=10)
+
+    def _reply(self) -> dict[str, Any]:
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"connect client exited with {self.process.wait()}")
+        return json.loads(line)
 
 
-def client_rate(lab: Lab, argv: list[str], connects: int, expected_cgroup: str) -> float:
-    """Connects per second of one client run."""
-    return connects / client_run(lab, argv, expected_cgroup)["seconds"]
-
-
-def measure_connect_rates(lab: Lab, agent: AgentProcess, workload: str, connects: int,
-                          rounds: int) -> tuple[list[float], list[float]]:
-    client = [sys.executable, "-c", CONNECT_CLIENT, Lab.PROVIDER4, str(PROVIDER_PORT), str(connects)]
-    runs = {
-        "without": lambda: client_rate(lab, client, connects, own_cgroup()),
-        "with": lambda: client_rate(lab, agent.run_cmd(workload, client), connects, f"/{cgroups.PARENT}/{workload}"),
-    }
-    rates: dict[str, list[float]] = {"without": [], "with": []}
-    for round_number in range(rounds):
-        # Alternate which goes first, so a slow drift of the machine favours neither.
-        order = ("without", "with") if round_number % 2 == 0 else ("with", "without")
-        for name in order:
-            rates[name].append(runs[name]())
-        progress(f"  round {round_number + 1}: without {rates['without'][-1]:.0f}/s, with {rates['with'][-1]:.0f}/s")
-    return rates["without"], rates["with"]
+def measure_connect_rates(lab: Lab, agent: AgentProcess, workload: str, blocks: int,
+                          block_size: int) -> ConnectComparison:
+    """Two clients, one outside any workload and one under `warden run`, connect in turns of
+    `block_size` (A B, B A, A B, ...). This machine's speed drifts by tens of percent within
+    seconds (other virtual machines share its host), and blocks of a few milliseconds each see
+    the same drift on both sides, where runs of seconds each did not."""
+    client_cpu, server_cpu = client_and_server_cpus()
+    start_accept_server(lab, server_cpu)
+    argv = [sys.executable, "-c", CONNECT_CLIENT, Lab.PROVIDER4, str(PROVIDER_PORT)]
+    clients = {}
+    try:
+        clients["without"] = ConnectClient(lab, pinned(client_cpu, argv), own_cgroup())
+        clients["with"] = ConnectClient(lab, pinned(client_cpu, agent.run_cmd(workload, argv)),
+                                        f"/{cgroups.PARENT}/{workload}")
+        for client in clients.values():
+            client.connect(block_size)  # warm-up: first connects, caches
+        samples: dict[str, list[dict[str, float]]] = {"without": [], "with": []}
+        for block in range(blocks):
+            for side in ("without", "with") if block % 2 == 0 else ("with", "without"):
+                samples[side].append(clients[side].connect(block_size))
+            if (block + 1) % max(1, blocks // 5) == 0:
+                so_far = ConnectComparison(block_size, samples["without"], samples["with"])
+                progress(f"  {block + 1}/{blocks} blocks: with/without {so_far.ratio('seconds'):.3f}")
+    finally:
+        for client in clients.values():
+            client.close()
+    return ConnectComparison(block_size, samples["without"], samples["with"])
 
 
 def monotonic_when_unpopulated(cgroup: Path, timeout: float) -> float:
@@ -246,16 +315,16 @@ def kill_trial_ms(lab: Lab, agent: AgentProcess, workload: str) -> tuple[float, 
 
 
 def run_benchmark(lab: Lab, agent: AgentProcess, connect_workload: str, kill_workload: str,
-                  connects: int, kills: int) -> Results:
+                  arguments: argparse.Namespace) -> Results:
     progress(f"starting the agent {STARTS} times")
     wall, own = measure_startups(agent, STARTS)
     rss = settled_rss_mib(agent)
-    progress(f"connect rate: {CONNECT_ROUNDS} rounds of {connects} connects, without and with the agent")
-    start_accept_server(lab)
-    without, with_agent = measure_connect_rates(lab, agent, connect_workload, connects, CONNECT_ROUNDS)
-    progress(f"kill: {kills} violations")
-    kill_ms, agent_kill_ms = zip(*(kill_trial_ms(lab, agent, kill_workload) for _ in range(kills)))
-    return Results(wall, own, rss, connects, without, with_agent, list(kill_ms), list(agent_kill_ms))
+    idle_cpu = idle_cpu_ms_per_second(agent)
+    progress(f"connect rate: {arguments.blocks} blocks of {arguments.block_size} connects each side, in turns")
+    connects = measure_connect_rates(lab, agent, connect_workload, arguments.blocks, arguments.block_size)
+    progress(f"kill: {arguments.kills} violations")
+    kill_ms, agent_kill_ms = zip(*(kill_trial_ms(lab, agent, kill_workload) for _ in range(arguments.kills)))
+    return Results(wall, own, rss, idle_cpu, connects, list(kill_ms), list(agent_kill_ms))
 
 
 def verdict(met: bool) -> str:
@@ -266,14 +335,19 @@ def table_rows(results: Results) -> list[tuple[str, str, str, str]]:
     """(measure, value, target, verdict) rows."""
     s = results.summary()
     trials, kills = len(results.kill_ms), len(results.agent_kill_ms)
+    blocks = f"{len(results.connects.without)} x {results.connects.block_size} connects each side"
     return [
         (f"agent spawn -> agent_started (wall, median of {STARTS})", f"{s['startup_wall_seconds_median']:.3f} s", "", ""),
         (f"agent startup_seconds (own, median of {STARTS})", f"{s['startup_own_seconds_median']:.3f} s", "", ""),
         ("agent RSS after start", f"{s['rss_mib']:.1f} MiB", "", ""),
-        (f"connect rate without agent (median of {CONNECT_ROUNDS})", f"{s['rate_without_agent_median']:.0f} /s", "", ""),
-        (f"connect rate with agent (median of {CONNECT_ROUNDS})", f"{s['rate_with_agent_median']:.0f} /s", "", ""),
-        ("connect rate ratio with/without", f"{s['rate_ratio']:.3f}", f">= {TARGET_RATE_RATIO}",
+        (f"agent CPU while its workloads idle ({IDLE_CPU_SECONDS:g} s)", f"{s['idle_cpu_ms_per_second']:.1f} ms/s", "", ""),
+        (f"connect rate without agent ({blocks})", f"{s['rate_without_agent']:.0f} /s", "", ""),
+        ("connect rate with agent", f"{s['rate_with_agent']:.0f} /s", "", ""),
+        ("connect rate ratio with/without (all blocks)", f"{s['rate_ratio']:.3f}", f">= {TARGET_RATE_RATIO}",
          verdict(ratio_met(s))),
+        ("  the same by the client's CPU time", f"{s['rate_ratio_cpu']:.3f}", "", ""),
+        ("  block pairs: p10 / median / p90", f"{s['rate_ratio_pairs_p10']:.3f} / {s['rate_ratio_pairs_median']:.3f} / "
+         f"{s['rate_ratio_pairs_p90']:.3f}", "", ""),
         (f"violation -> workload gone p50 ({trials} trials)", f"{s['kill_ms_p50']:.2f} ms", "", ""),
         (f"violation -> workload gone p99 ({trials} trials)", f"{s['kill_ms_p99']:.2f} ms",
          f"< {TARGET_KILL_P99_MS:g} ms", verdict(kill_met(s))),
@@ -302,12 +376,25 @@ def table(results: Results) -> str:
 
 def parse_arguments() -> argparse.Namespace:
     parser = argument_parser(__doc__)
-    parser.add_argument("--connects", type=int, default=5000, help="connects per client run (default 5000)")
+    add_connect_arguments(parser)
     parser.add_argument("--kills", type=int, default=50, help="violations of the kill workload (default 50)")
     arguments = parse(parser)
-    if arguments.connects < 1 or arguments.kills < 2:
-        parser.error("--connects must be at least 1 and --kills at least 2 (a p99 needs two samples)")
+    if arguments.kills < 2:
+        parser.error("--kills must be at least 2 (a p99 needs two samples)")
     return arguments
+
+
+def add_connect_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--blocks", type=positive, default=400,
+                        help="blocks of connects each side, taken in turns (default 400)")
+    parser.add_argument("--block-size", type=positive, default=200, help="connects per block (default 200)")
+
+
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text}: must be at least 1")
+    return value
 
 
 def main() -> None:
@@ -315,7 +402,7 @@ def main() -> None:
     connect_workload, kill_workload = unique_name("bench-c"), unique_name("bench-k")
     workloads = [connect_workload, kill_workload]
     with agent_in_lab(bench_policy(connect_workload, kill_workload), workloads) as (lab, agent):
-        results = run_benchmark(lab, agent, connect_workload, kill_workload, arguments.connects, arguments.kills)
+        results = run_benchmark(lab, agent, connect_workload, kill_workload, arguments)
     report(arguments.output, {"samples": asdict(results), "summary": results.summary()}, table(results))
 
 

@@ -1,32 +1,30 @@
 """Counting and backstop overhead: bulk TCP and connect rate, with the agent against without.
 
-    python bench/traffic.py [--rounds N] [--connects N] [--seconds S] [-o table|json]
+    python bench/traffic.py [--rounds N] [--seconds S] [--blocks N] [--block-size N] [-o table|json]
 
-Both are measured in one run, in interleaved rounds (without/with, then with/without, ...),
-so a drift of this shared machine favours neither side:
-1. bulk TCP: iperf3 from ROUTER to an iperf3 server in NET over the Lab's veth pair, sender
-   throughput, by wall time and per second of the sender's CPU; under `warden run` every
-   packet passes the counting backstop;
-2. connect rate: the connect client of bench/foundation.py (connect + reset close), by wall
-   time and by the client's own CPU time (user + system, which includes the BPF programs
-   run in its context). CPU time is less disturbed by other work on a busy machine.
-Each ratio is reported two ways: median(with) / median(without), and the median of the
-ratios of the rounds (each round's pair runs back to back). Target >= 0.97.
+Both are measured in one run, interleaved, so a drift of this shared machine favours
+neither side:
+1. bulk TCP: iperf3 from ROUTER to an iperf3 server in NET over the Lab's veth pair, in
+   rounds (without/with, then with/without, ...), sender throughput by wall time and per
+   second of the sender's CPU; under `warden run` every packet passes the counting backstop.
+   Each ratio two ways: median(with) / median(without), and the median of the rounds' ratios;
+2. connect rate: bench/foundation.py's measurement (two clients taking turns in short
+   blocks), by wall time and by the client's own CPU time.
+Target >= 0.97.
 """
 from __future__ import annotations
 
 import json
 import statistics
 import subprocess
-import sys
 from typing import Any, Callable
 
 # first: puts tests/ and the repository root on sys.path
 from common import agent_in_lab, argument_parser, parse, progress, report
 
-from agent import cgroups
 from agentproc import AgentProcess, unique_name
-from foundation import CONNECT_CLIENT, PROVIDER_PORT, client_run, own_cgroup, start_accept_server
+from foundation import (PROVIDER_PORT, add_connect_arguments, client_and_server_cpus, measure_connect_rates, pinned,
+                        positive)
 from agent.lab.network import Lab
 
 IPERF_PORT = 5201
@@ -78,51 +76,52 @@ def ratios(pair: Pair) -> dict[str, float]:
             "median_of_round_ratios": statistics.median(w / o for w, o in zip(pair["with"], pair["without"]))}
 
 
-def connect_measures(run: dict[str, Any], connects: int) -> dict[str, float]:
-    return {"connects_per_second": connects / run["seconds"],
-            "connects_per_cpu_second": connects / max(run["cpu_seconds"], 1e-9)}
-
-
-def run(lab: Lab, agent: AgentProcess, workload: str, rounds: int, connects: int, seconds: float) -> dict[str, Any]:
+def run(lab: Lab, agent: AgentProcess, workload: str, arguments) -> dict[str, Any]:
     agent.start()
-    inside = f"/{cgroups.PARENT}/{workload}"
-    lab.run_in_net(["iperf3", "-s", "-B", Lab.PROVIDER4, "-p", str(IPERF_PORT)], stdout=subprocess.DEVNULL)
-    start_accept_server(lab)
-    iperf = ["iperf3", "-c", Lab.PROVIDER4, "-p", str(IPERF_PORT), "-t", str(seconds), "-J"]
-    results = interleaved({"without": lambda: iperf_measures(lab, iperf),
-                           "with": lambda: iperf_measures(lab, agent.run_cmd(workload, iperf))},
-                          rounds, "bulk TCP")
-    client = [sys.executable, "-c", CONNECT_CLIENT, Lab.PROVIDER4, str(PROVIDER_PORT), str(connects)]
-    results |= interleaved({"without": lambda: connect_measures(client_run(lab, client, own_cgroup()), connects),
-                            "with": lambda: connect_measures(client_run(lab, agent.run_cmd(workload, client), inside), connects)},
-                           rounds, "connect")
-    return {measure: {"samples": pair, **ratios(pair)} for measure, pair in results.items()}
+    client_cpu, server_cpu = client_and_server_cpus()
+    lab.run_in_net(pinned(server_cpu, ["iperf3", "-s", "-B", Lab.PROVIDER4, "-p", str(IPERF_PORT)]),
+                   stdout=subprocess.DEVNULL)
+    iperf = pinned(client_cpu, ["iperf3", "-c", Lab.PROVIDER4, "-p", str(IPERF_PORT), "-t", str(arguments.seconds), "-J"])
+    bulk = interleaved({"without": lambda: iperf_measures(lab, iperf),
+                        "with": lambda: iperf_measures(lab, agent.run_cmd(workload, iperf))},
+                       arguments.rounds, "bulk TCP")
+    connects = measure_connect_rates(lab, agent, workload, arguments.blocks, arguments.block_size)
+    return {"bulk": {measure: {"samples": pair, **ratios(pair)} for measure, pair in bulk.items()},
+            "connect": {"samples": {"without": connects.without, "with": connects.with_agent}, **connects.summary()}}
 
 
-UNITS = {"bulk_gbit_per_second": "Gbit/s", "bulk_gbit_per_cpu_second": "Gbit/CPU s", "connects_per_second": "/s", "connects_per_cpu_second": "/CPU s"}
+UNITS = {"bulk_gbit_per_second": "Gbit/s", "bulk_gbit_per_cpu_second": "Gbit/CPU s"}
 
 
 def table(result: dict[str, Any]) -> str:
     rows = []
-    for measure, found in result.items():
+    for measure, found in result["bulk"].items():
         pair = found["samples"]
         rows += [(f"{measure} without agent (median)", f"{statistics.median(pair['without']):.4g} {UNITS[measure]}"),
                  (f"{measure} with agent (median)", f"{statistics.median(pair['with']):.4g} {UNITS[measure]}"),
                  (f"{measure} ratio: of medians / median of rounds",
                   f"{found['ratio_of_medians']:.3f} / {found['median_of_round_ratios']:.3f}  (target >= {TARGET_RATIO})")]
+    c = result["connect"]
+    blocks = len(c["samples"]["without"])
+    rows += [(f"connects per second without / with agent ({blocks} blocks each)",
+              f"{c['rate_without_agent']:.0f} / {c['rate_with_agent']:.0f} /s"),
+             ("connect rate ratio: wall / client CPU (all blocks)",
+              f"{c['rate_ratio']:.3f} / {c['rate_ratio_cpu']:.3f}  (target >= {TARGET_RATIO})"),
+             ("connect rate ratio, block pairs: p10 / median / p90",
+              f"{c['rate_ratio_pairs_p10']:.3f} / {c['rate_ratio_pairs_median']:.3f} / {c['rate_ratio_pairs_p90']:.3f}")]
     width = max(len(r[0]) for r in rows)
     return "\n".join(f"{name.ljust(width)}  {value}" for name, value in rows)
 
 
 def main() -> None:
     parser = argument_parser(__doc__)
-    parser.add_argument("--rounds", type=int, default=11, help="interleaved rounds of each measurement (default 11)")
-    parser.add_argument("--connects", type=int, default=2000, help="connects per client run (default 2000)")
+    parser.add_argument("--rounds", type=positive, default=11, help="interleaved iperf3 rounds (default 11)")
     parser.add_argument("--seconds", type=float, default=2.0, help="seconds per iperf3 run (default 2)")
+    add_connect_arguments(parser)
     arguments = parse(parser)
     workload = unique_name("bench-t")
     with agent_in_lab(bench_policy(workload), [workload]) as (lab, agent):
-        result = run(lab, agent, workload, arguments.rounds, arguments.connects, arguments.seconds)
+        result = run(lab, agent, workload, arguments)
     report(arguments.output, result, table(result))
 
 

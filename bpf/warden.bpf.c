@@ -240,9 +240,21 @@ static __always_inline void fold_slot(struct sock_info *slot) {
     add_traffic(&key, bytes, packets);
 }
 
-static __always_inline void count_in_slot(struct sock_info *slot, u32 len) {
+// Regions of slots that may hold counts not yet in `traffic`: the agent's fold reads only
+// those, so guarding idle routers costs it nothing. A count is added before its region is
+// marked, and a fold clears the mark with an exchange before it reads the region (all of them
+// full barriers), so each count is either seen by the fold that clears its mark or marks the
+// region again for the next one.
+#define FOLD_REGION_SLOTS 256  // ew_fold folds one region per run: the verifier walks each slot
+BPF_ARRAY(unfolded, u64, SOCK_SLOTS / FOLD_REGION_SLOTS);
+
+static __always_inline void count_in_slot(struct sock_info *slot, u64 cookie, u32 len) {
     __sync_fetch_and_add(&slot->bytes, len);
     __sync_fetch_and_add(&slot->packets, 1);
+    u32 region = (cookie & (SOCK_SLOTS - 1)) / FOLD_REGION_SLOTS;
+    u64 *mark = unfolded.lookup(&region);
+    if (mark && !*mark)
+        *mark = 1;
 }
 
 // A slot is rewritten with its cookie cleared and read with the cookie checked before and
@@ -789,7 +801,7 @@ int ew_egress(struct __sk_buff *skb) {
         struct workload_state *cached = workloads.lookup(&cached_wl);
         if (cached && cached->active && cached->generation == info.generation && info.proto == d.proto &&
             (info.listen ? info.port == d.sport : info.port == d.dport && same_address(info.addr, d.addr))) {
-            count_in_slot(slot, skb->len);
+            count_in_slot(slot, cookie, skb->len);
             if (!info.kept && info.tgid && ++slot->seen >= KEEP_OWNER_AFTER) {
                 slot->kept = 1;
                 sock_owners.update(&cookie, &info.tgid);
@@ -826,107 +838,32 @@ int ew_egress(struct __sk_buff *skb) {
     struct sock_info *counted = d.has_ports ? write_slot(cookie, tgid, kept, st->generation, wl, d.addr, d.proto,
                                                          listen ? d.sport : d.dport, listen) : 0;
     if (counted)
-        count_in_slot(counted, skb->len);
+        count_in_slot(counted, cookie, skb->len);
     else
         count_portless(tgid, wl, &d, skb->len);
     return 1;
 }
 
 // Run by the agent through BPF_PROG_TEST_RUN (it is never attached) before it reads
-// `traffic`: each run folds the next FOLD_PER_RUN slots, so SOCK_SLOTS / FOLD_PER_RUN runs
-// (one syscall) fold them all. The verifier walks every iteration, and refuses many more.
-#define FOLD_PER_RUN 256
+// `traffic`: each run folds the next region if it is marked, so one run per region (one
+// syscall) folds every count.
 BPF_ARRAY(fold_cursor, u32, 1);
 int ew_fold(struct __sk_buff *skb) {
     u32 zero = 0;
     u32 *cursor = fold_cursor.lookup(&zero);
     if (!cursor)
         return 0;
-    u32 start = *cursor & (SOCK_SLOTS - 1) & ~(FOLD_PER_RUN - 1);
-    *cursor = start + FOLD_PER_RUN;
-    for (u32 i = 0; i < FOLD_PER_RUN; i++) {
-        u32 index = start + i;
+    u32 region = *cursor % (SOCK_SLOTS / FOLD_REGION_SLOTS);
+    *cursor = region + 1;
+    u64 *mark = unfolded.lookup(&region);
+    if (!mark || !*mark || !__sync_lock_test_and_set(mark, 0))
+        return 0;
+    for (u32 i = 0; i < FOLD_REGION_SLOTS; i++) {
+        u32 index = region * FOLD_REGION_SLOTS + i;
         struct sock_info *slot = sock_slots.lookup(&index);
         if (!slot)
             break;
         fold_slot(slot);
     }
-    return 0;
-}
-
-// Membership by tgid lets cgroup_attach_task tell a workload process leaving its cgroup.
-TRACEPOINT_PROBE(sched, sched_process_fork) {
-    u32 wl;
-    if (!workload_of_current(&wl))
-        return 0;
-    u32 child = args->child_pid;
-    members.update(&child, &wl);
-    return 0;
-}
-
-TRACEPOINT_PROBE(sched, sched_process_exec) {
-    u32 wl;
-    int member = workload_of_current(&wl);
-    u32 zero = 0;
-    u32 *discovery = config.lookup(&zero);
-    if (!member && !(discovery && *discovery))
-        return 0;
-    struct event ev = {};
-    fill_task(&ev);
-    ev.kind = EV_EXEC;
-    ev.workload = member ? wl : (u32)-1;
-    ev.aux = args->old_pid;
-    u32 loc = args->data_loc_filename;
-    bpf_probe_read_kernel_str(ev.path, sizeof(ev.path), (void *)args + (loc & 0xffff));
-    if (member) {
-        u32 tgid = ev.tgid;
-        members.update(&tgid, &wl);
-    }
-    emit(&ev);
-    return 0;
-}
-
-TRACEPOINT_PROBE(sched, sched_process_exit) {
-    u64 pid_tgid = bpf_get_current_pid_tgid();
-    u32 tgid = pid_tgid >> 32;
-    if ((u32)pid_tgid != tgid)
-        return 0;  // a thread, not the process
-    u32 *wl = members.lookup(&tgid);
-    if (!wl)
-        return 0;
-    struct event ev = {};
-    fill_task(&ev);
-    ev.kind = EV_EXIT;
-    ev.workload = *wl;
-    members.delete(&tgid);
-    emit(&ev);
-    return 0;
-}
-
-// Fires after the move, in the writer's context: `pid` is the moved process.
-TRACEPOINT_PROBE(cgroup, cgroup_attach_task) {
-    if (args->dst_root != CGROUP2_HIERARCHY)
-        return 0;
-    u32 moved = args->pid;
-    u64 dst = args->dst_id;
-    u32 dst_wl;
-    int into_workload = workload_of_cgroup(dst, &dst_wl);
-    u32 from_wl = (u32)-1;
-    u32 *from = members.lookup(&moved);
-    if (from)
-        from_wl = *from;
-    if (!into_workload && from_wl == (u32)-1)
-        return 0;
-    struct event ev = {};
-    fill_task(&ev);  // the writer
-    ev.kind = EV_CGROUP_ATTACH;
-    ev.workload = from_wl;
-    ev.aux = moved;
-    ev.cgroup_id = dst;
-    u32 loc = args->data_loc_dst_path;
-    bpf_probe_read_kernel_str(ev.path, sizeof(ev.path), (void *)args + (loc & 0xffff));
-    if (into_workload)
-        members.update(&moved, &dst_wl);
-    emit(&ev);
     return 0;
 }

@@ -33,7 +33,7 @@ _BPF_MAP_TYPE_ARRAY = 2
 _BPF_MAP_TYPE_LRU_HASH = 9
 _BPF_F_MMAPABLE = 1 << 10
 SOCK_SLOTS = 262144  # bpf/warden.bpf.c
-_FOLD_PER_RUN = 256  # bpf/warden.bpf.c: slots one run of ew_fold folds
+_FOLD_REGIONS = SOCK_SLOTS // 256  # bpf/warden.bpf.c: one run of ew_fold each
 # The layout bpf/warden.bpf.c gives its pinned maps. bcc reuses a pinned map whatever its
 # layout and the verifier then refuses the programs with a bare EACCES, so it is checked first.
 PINNED_MAPS = {
@@ -325,7 +325,7 @@ class KernelPrograms:
     def traffic_counters(self) -> list[TrafficCounter]:
         """Every (workload, process, destination) counter the kernel holds, cumulative: what
         the sockets counted since the last call is folded in first."""
-        bpfsys.test_run(self._fold.fd, repeat=SOCK_SLOTS // _FOLD_PER_RUN)
+        bpfsys.test_run(self._fold.fd, repeat=_FOLD_REGIONS)
         return [_traffic_counter(k, v) for k, v in self._bpf[b"traffic"].items()]
 
     # --- events ----------------------------------------------------------------------
