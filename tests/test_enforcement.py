@@ -1,6 +1,8 @@
 """Kernel enforcement end to end: a real agent, real cgroups and BPF, a router in its own
 network namespace, and fake providers and an attacker in another (agent/lab/network.py)."""
+import json
 import os
+import subprocess
 import sys
 
 import pytest
@@ -64,6 +66,49 @@ def test_denied_destinations_see_no_byte(lab, start_agent, names, action, host, 
     assert event["detail"]["cgroup_id"] == os.stat(agent.cgroup(wl)).st_ino
     assert event["process"]["pid"] in (result["pid"], result.get("child"))
     assert attacker.received_bytes() == 0 and attacker.connections() == 0
+
+
+class Attempts:
+    """One router process, pinned to one CPU, making attempts when told: the hooks keep the
+    destinations they last allowed per CPU, so these attempts meet what the earlier ones left."""
+
+    def __init__(self, lab, agent, workload):
+        self.process = lab.run_in_router(["taskset", "-c", "0", *agent.router_cmd(workload, "attempts")],
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+
+    def __call__(self, proto: str, host: str, port: int) -> dict:
+        self.process.stdin.write(f"{proto} {host} {port}\n")
+        line = self.process.stdout.readline()
+        assert line, f"the router exited with {self.process.wait()}"
+        return json.loads(line)
+
+
+def test_a_destination_just_allowed_opens_no_other(lab, start_agent, names):
+    wl = names[0]
+    servers = {key: lab.serve(host, port, proto=proto) for key, (proto, host, port) in {
+        "provider": ("tcp", Lab.PROVIDER4, 443), "other port": ("tcp", Lab.PROVIDER4, 444),
+        "attacker": ("tcp", Lab.ATTACKER4, 443), "udp": ("udp", Lab.PROVIDER4, 443)}.items()}
+    agent = start_agent(policy(wl), [wl])
+    attempt_now = Attempts(lab, agent, wl)
+    assert attempt_now("tcp", Lab.PROVIDER4, 443)["ok"] and attempt_now("tcp", Lab.PROVIDER4, 443)["ok"]
+    for proto, host, port in (("tcp", Lab.PROVIDER4, 444), ("tcp", Lab.ATTACKER4, 443), ("udp", Lab.PROVIDER4, 443)):
+        result = attempt_now(proto, host, port)
+        assert not result["ok"] and result["errno"] == EPERM, (proto, host, port, result)
+    assert attempt_now("tcp", Lab.PROVIDER4, 443)["ok"]
+    assert [servers[key].received_bytes() for key in ("other port", "attacker", "udp")] == [0, 0, 0]
+    assert servers["provider"].wait_for_bytes(3)
+
+
+def test_a_destination_just_allowed_is_refused_once_a_reload_removes_it(lab, start_agent, names):
+    wl = names[0]
+    lab.serve(Lab.PROVIDER4, 443)
+    agent = start_agent(policy(wl), [wl])
+    attempt_now = Attempts(lab, agent, wl)
+    assert attempt_now("tcp", Lab.PROVIDER4, 443)["ok"] and attempt_now("tcp", Lab.PROVIDER4, 443)["ok"]
+    agent.reload(workload_policy(wl, f"{{cidr: {Lab.OTHER4}/32, ports: [443]}}"))
+    agent.wait_for(lambda e: e["kind"] == "policy_loaded" and e["seq"] > 2)
+    result = attempt_now("tcp", Lab.PROVIDER4, 443)
+    assert not result["ok"] and result["errno"] == EPERM, result
 
 
 def test_mapped_ipv6_to_an_allowed_ipv4_is_allowed(lab, start_agent, names):

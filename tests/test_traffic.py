@@ -13,7 +13,7 @@ retransmissions to count twice.
 from __future__ import annotations
 
 import json
-import os
+import signal
 import socket
 import stat
 import subprocess
@@ -24,8 +24,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.kernel.loader import TrafficCounter, read_pinned_traffic
-from agentproc import AgentProcess, unique_name
+from agent.kernel import bpfsys
+from agent.kernel.loader import PINNED_MAPS, SOCK_SLOTS, TrafficCounter, read_pinned_traffic
+from agentproc import AgentProcess, unique_name, workload_policy
 from agent.lab.network import Lab
 
 pytestmark = pytest.mark.root
@@ -217,6 +218,65 @@ def test_counters_survive_an_agent_restart(lab, start_agent):
     assert counted(agent, pid, Lab.PROVIDER4, TCP_PORT, socket.IPPROTO_TCP) == before
     again = send(lab, agent, name, "tcp", Lab.PROVIDER4, TCP_PORT, 10_000)
     assert settled_count(agent, again, Lab.PROVIDER4, TCP_PORT, socket.IPPROTO_TCP, 10_000).bytes >= 10_000
+
+
+# One UDP socket sends to a first destination, then connects to a second and sends there:
+# its one slot changes destination in between.
+RECONNECTING_SENDER = """
+import json, os, socket, sys
+host, first, second = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+for port, count, size in ((first, 3, 1000), (second, 2, 500)):
+    s.connect((host, port))
+    for _ in range(count):
+        s.send(b"x" * size)
+s.close()
+print(json.dumps({"pid": os.getpid()}), flush=True)
+"""
+
+
+def test_a_socket_that_changes_destination_is_counted_for_each(lab, start_agent):
+    """What a socket's slot counted for one destination goes into `traffic` when the slot moves
+    to another, with no fold of the agent's: the agent is stopped (SIGSTOP) meanwhile, and the
+    counters are read from the pins (`traffic` plus what the slots hold)."""
+    name, second_port = unique_name("tb"), UDP_PORT + 1
+    rule = f"{{cidr: {Lab.PROVIDER4}/32, ports: [{UDP_PORT}, {second_port}], protocol: udp}}"
+    agent = start_agent(workload_policy(name, rule), [name])
+    lab.serve(Lab.PROVIDER4, UDP_PORT, proto="udp")
+    lab.serve(Lab.PROVIDER4, second_port, proto="udp")
+    agent.process.send_signal(signal.SIGSTOP)
+    try:
+        sender = lab.run_in_router(agent.run_cmd(name, [sys.executable, "-c", RECONNECTING_SENDER, Lab.PROVIDER4,
+                                                        str(UDP_PORT), str(second_port)]),
+                                   stdout=subprocess.PIPE, text=True)
+        out, _ = sender.communicate(timeout=30)
+        assert sender.returncode == 0, out
+        pid = json.loads(out.splitlines()[-1])["pid"]
+        first = counted(agent, pid, Lab.PROVIDER4, UDP_PORT, socket.IPPROTO_UDP)
+        second = counted(agent, pid, Lab.PROVIDER4, second_port, socket.IPPROTO_UDP)
+        assert first and (first.packets, first.bytes) == (3, 3 * (1000 + IPV4_HEADER + UDP_HEADER))
+        assert second and (second.packets, second.bytes) == (2, 2 * (500 + IPV4_HEADER + UDP_HEADER))
+    finally:
+        agent.process.send_signal(signal.SIGCONT)
+
+
+def test_socket_slots_pinned_by_the_previous_version_are_replaced(tmp_path):
+    """0.1 kept 48-byte slots without counts: losing them loses no byte, so they are replaced."""
+    pin_dir = Path("/sys/fs/bpf") / f"ew-test-{unique_name('slots')}"
+    pin_dir.mkdir()
+    name = unique_name("tb")
+    agent = AgentProcess(tmp_path, traffic_policy(name), [name])
+    agent.pin_dir = pin_dir
+    try:
+        from bcc import BPF
+
+        BPF(text=f'struct old {{ u8 b[48]; }}; BPF_TABLE_PINNED("array", u32, struct old, sock_slots, {SOCK_SLOTS}, '
+                 f'"{pin_dir}/sock_slots"); int f(void *ctx) {{ return 0; }}'.encode())
+        agent.start()
+        assert bpfsys.pinned_map_layout(str(pin_dir / "sock_slots")) == PINNED_MAPS["sock_slots"]
+        assert "replaced" in agent.log.read_text()
+    finally:
+        agent.cleanup()
 
 
 def test_agent_refuses_pinned_maps_of_another_layout(tmp_path):

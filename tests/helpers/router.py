@@ -15,6 +15,9 @@ the outcome as one JSON line ({"ok": true} or {"ok": false, "errno": N, "error":
                                                 --spread N: to ports PORT..PORT+N-1 in turn (distinct
                                                 destinations)
     router.py escape CGROUP_PROCS               write its own pid into another cgroup, then sleep
+    router.py attempts                          for each line "tcp|udp HOST PORT" on stdin, one attempt
+                                                (a connect and one byte), all in this one process; prints
+                                                each outcome
     router.py resolve NAME [--count N]          getaddrinfo (glibc's resolver) N times; the last addresses
     router.py resolve-connect NAME PORT --count N   N times: getaddrinfo, connect to the answer, send 1 byte
     router.py dns SERVER PORT NAME [--tcp] [--qtype T] [--count N]   N raw queries (random
@@ -143,6 +146,12 @@ def escape(procs_file: str) -> None:
     time.sleep(30)
 
 
+def attempts() -> None:
+    for line in sys.stdin:
+        kind, host, port = line.split()
+        report(**(tcp(host, int(port), 1, family_of(host)) if kind == "tcp" else udp(host, int(port), 1, connect=True)))
+
+
 def resolve(name: str, count: int) -> dict:
     addresses: list[str] = []
     for _ in range(count):
@@ -227,6 +236,9 @@ def main() -> None:
         return
     if a.action == "escape":
         escape(a.host)
+        return
+    if a.action == "attempts":
+        attempts()
         return
     outcome = {
         "tcp": lambda: tcp(a.host, a.port, a.bytes, family_of(a.host)),
