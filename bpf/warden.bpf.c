@@ -867,3 +867,80 @@ int ew_fold(struct __sk_buff *skb) {
     }
     return 0;
 }
+
+// Membership by tgid lets cgroup_attach_task tell a workload process leaving its cgroup.
+TRACEPOINT_PROBE(sched, sched_process_fork) {
+    u32 wl;
+    if (!workload_of_current(&wl))
+        return 0;
+    u32 child = args->child_pid;
+    members.update(&child, &wl);
+    return 0;
+}
+
+TRACEPOINT_PROBE(sched, sched_process_exec) {
+    u32 wl;
+    int member = workload_of_current(&wl);
+    u32 zero = 0;
+    u32 *discovery = config.lookup(&zero);
+    if (!member && !(discovery && *discovery))
+        return 0;
+    struct event ev = {};
+    fill_task(&ev);
+    ev.kind = EV_EXEC;
+    ev.workload = member ? wl : (u32)-1;
+    ev.aux = args->old_pid;
+    u32 loc = args->data_loc_filename;
+    bpf_probe_read_kernel_str(ev.path, sizeof(ev.path), (void *)args + (loc & 0xffff));
+    if (member) {
+        u32 tgid = ev.tgid;
+        members.update(&tgid, &wl);
+    }
+    emit(&ev);
+    return 0;
+}
+
+TRACEPOINT_PROBE(sched, sched_process_exit) {
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    u32 tgid = pid_tgid >> 32;
+    if ((u32)pid_tgid != tgid)
+        return 0;  // a thread, not the process
+    u32 *wl = members.lookup(&tgid);
+    if (!wl)
+        return 0;
+    struct event ev = {};
+    fill_task(&ev);
+    ev.kind = EV_EXIT;
+    ev.workload = *wl;
+    members.delete(&tgid);
+    emit(&ev);
+    return 0;
+}
+
+// Fires after the move, in the writer's context: `pid` is the moved process.
+TRACEPOINT_PROBE(cgroup, cgroup_attach_task) {
+    if (args->dst_root != CGROUP2_HIERARCHY)
+        return 0;
+    u32 moved = args->pid;
+    u64 dst = args->dst_id;
+    u32 dst_wl;
+    int into_workload = workload_of_cgroup(dst, &dst_wl);
+    u32 from_wl = (u32)-1;
+    u32 *from = members.lookup(&moved);
+    if (from)
+        from_wl = *from;
+    if (!into_workload && from_wl == (u32)-1)
+        return 0;
+    struct event ev = {};
+    fill_task(&ev);  // the writer
+    ev.kind = EV_CGROUP_ATTACH;
+    ev.workload = from_wl;
+    ev.aux = moved;
+    ev.cgroup_id = dst;
+    u32 loc = args->data_loc_dst_path;
+    bpf_probe_read_kernel_str(ev.path, sizeof(ev.path), (void *)args + (loc & 0xffff));
+    if (into_workload)
+        members.update(&moved, &dst_wl);
+    emit(&ev);
+    return 0;
+}
