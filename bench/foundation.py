@@ -1,13 +1,13 @@
 """Foundation benchmark: what the agent costs and how fast it acts, measured in one run.
 
-    python bench/foundation.py [--blocks N] [--block-size N] [--kills N] [-o table|json]
+    python bench/foundation.py [--pairs N] [--blocks N] [--block-size N] [--control] [--kills N] [-o table|json]
 
 1. agent start to enforcing: wall time from spawning `warden agent` to its
    agent_started event, and the agent's own startup_seconds (median of 3 starts)
 2. the agent's RSS once started, and the CPU it spends while idle
 3. TCP connect rate of a process in ROUTER to a server in NET under `warden run`, against
-   the same client outside any workload: two clients take turns in short blocks, pinned
-   to one CPU and the server to the other (see measure_connect_rates)
+   the same client outside any workload: pairs of clients take turns in short blocks,
+   pinned to one CPU and the server to the other (see measure_connect_rates)
 4. time from a violation of an on_violation: kill workload to its last process gone
 """
 from __future__ import annotations
@@ -92,30 +92,39 @@ time.sleep(60)
 @dataclass
 class ConnectComparison:
     """Wall and CPU seconds of each block of connects, without and with the agent; block i of
-    one side ran right before or after block i of the other."""
+    one side ran right before or after block i of the other, and each `blocks_per_pair`
+    blocks came from a fresh pair of client processes."""
 
     block_size: int
+    blocks_per_pair: int
     without: list[dict[str, float]]
     with_agent: list[dict[str, float]]
 
-    def ratio(self, measure: str) -> float:
-        """Connects per `measure` ("seconds" or "cpu_seconds") with the agent over without, all
-        blocks together."""
-        return sum(b[measure] for b in self.without) / sum(b[measure] for b in self.with_agent)
+    def ratio(self, measure: str, first: int = 0, last: int | None = None) -> float:
+        """Connects per `measure` ("seconds" or "cpu_seconds") with the agent over without,
+        blocks first..last together."""
+        return (sum(b[measure] for b in self.without[first:last]) /
+                sum(b[measure] for b in self.with_agent[first:last]))
 
-    def pair_ratios(self, measure: str) -> list[float]:
-        return [w[measure] / a[measure] for w, a in zip(self.without, self.with_agent)]
+    def block_ratios(self) -> list[float]:
+        return [w["seconds"] / a["seconds"] for w, a in zip(self.without, self.with_agent)]
+
+    def client_pair_ratios(self) -> list[float]:
+        n = self.blocks_per_pair
+        return [self.ratio("seconds", start, start + n) for start in range(0, len(self.without), n)]
 
     def summary(self) -> dict[str, float]:
-        pairs = self.pair_ratios("seconds")
+        blocks, pairs = self.block_ratios(), self.client_pair_ratios()
         return {
             "rate_without_agent": self.block_size * len(self.without) / sum(b["seconds"] for b in self.without),
             "rate_with_agent": self.block_size * len(self.with_agent) / sum(b["seconds"] for b in self.with_agent),
             "rate_ratio": self.ratio("seconds"),
             "rate_ratio_cpu": self.ratio("cpu_seconds"),
-            "rate_ratio_pairs_p10": percentile(pairs, 10),
-            "rate_ratio_pairs_median": statistics.median(pairs),
-            "rate_ratio_pairs_p90": percentile(pairs, 90),
+            "rate_ratio_blocks_p10": percentile(blocks, 10),
+            "rate_ratio_blocks_median": statistics.median(blocks),
+            "rate_ratio_blocks_p90": percentile(blocks, 90),
+            "rate_ratio_client_pairs_min": min(pairs),
+            "rate_ratio_client_pairs_max": max(pairs),
         }
 
 
@@ -126,6 +135,7 @@ class Results:
     rss_mib: float
     idle_cpu_ms_per_second: float
     connects: ConnectComparison
+    control: ConnectComparison | None  # both clients outside the workload (--control)
     kill_ms: list[float]
     agent_kill_ms: list[float]
 
@@ -136,6 +146,7 @@ class Results:
             "rss_mib": self.rss_mib,
             "idle_cpu_ms_per_second": self.idle_cpu_ms_per_second,
             **self.connects.summary(),
+            **({"control_rate_ratio": self.control.ratio("seconds")} if self.control else {}),
             "kill_ms_p50": statistics.median(self.kill_ms),
             "kill_ms_p99": percentile(self.kill_ms, 99),
             "agent_kill_ms_p50": statistics.median(self.agent_kill_ms),
@@ -240,33 +251,40 @@ class ConnectClient:
         return json.loads(line)
 
 
-def measure_connect_rates(lab: Lab, agent: AgentProcess, workload: str, blocks: int,
-                          block_size: int) -> ConnectComparison:
+def measure_connect_rates(lab: Lab, agent: AgentProcess, workload: str, pairs: int, blocks: int,
+                          block_size: int, control: bool = False) -> ConnectComparison:
     """Two clients, one outside any workload and one under `warden run`, connect in turns of
     `block_size` (A B, B A, A B, ...). This machine's speed drifts by tens of percent within
     seconds (other virtual machines share its host), and blocks of a few milliseconds each see
-    the same drift on both sides, where runs of seconds each did not."""
-    client_cpu, server_cpu = client_and_server_cpus()
-    start_accept_server(lab, server_cpu)
+    the same drift on both sides, where runs of seconds each did not. Two identical clients
+    still differ by up to 2 % here (measured: it goes with the process, its memory layout
+    most likely), so after `blocks` turns a fresh pair takes over, `pairs` pairs in all, each
+    started in the other order than the one before. `control`: the "with" client runs outside
+    the workload too, so the ratio shows what the measurement itself is worth. The server
+    (start_accept_server) must be running."""
+    client_cpu, _ = client_and_server_cpus()
     argv = [sys.executable, "-c", CONNECT_CLIENT, Lab.PROVIDER4, str(PROVIDER_PORT)]
-    clients = {}
-    try:
-        clients["without"] = ConnectClient(lab, pinned(client_cpu, argv), own_cgroup())
-        clients["with"] = ConnectClient(lab, pinned(client_cpu, agent.run_cmd(workload, argv)),
-                                        f"/{cgroups.PARENT}/{workload}")
-        for client in clients.values():
-            client.connect(block_size)  # warm-up: first connects, caches
-        samples: dict[str, list[dict[str, float]]] = {"without": [], "with": []}
-        for block in range(blocks):
-            for side in ("without", "with") if block % 2 == 0 else ("with", "without"):
-                samples[side].append(clients[side].connect(block_size))
-            if (block + 1) % max(1, blocks // 5) == 0:
-                so_far = ConnectComparison(block_size, samples["without"], samples["with"])
-                progress(f"  {block + 1}/{blocks} blocks: with/without {so_far.ratio('seconds'):.3f}")
-    finally:
-        for client in clients.values():
-            client.close()
-    return ConnectComparison(block_size, samples["without"], samples["with"])
+    unguarded = lambda: ConnectClient(lab, pinned(client_cpu, argv), own_cgroup())  # noqa: E731
+    starts = {"without": unguarded,
+              "with": unguarded if control else lambda: ConnectClient(
+                  lab, pinned(client_cpu, agent.run_cmd(workload, argv)), f"/{cgroups.PARENT}/{workload}")}
+    samples: dict[str, list[dict[str, float]]] = {"without": [], "with": []}
+    for pair in range(pairs):
+        clients = {}
+        try:
+            for side in ("without", "with") if pair % 2 == 0 else ("with", "without"):
+                clients[side] = starts[side]()
+                clients[side].connect(block_size)  # warm-up: first connects, caches
+            for block in range(blocks):
+                for side in ("without", "with") if block % 2 == 0 else ("with", "without"):
+                    samples[side].append(clients[side].connect(block_size))
+        finally:
+            for client in clients.values():
+                client.close()
+        so_far = ConnectComparison(block_size, blocks, samples["without"], samples["with"])
+        progress(f"  client pair {pair + 1}/{pairs}: with/without {so_far.client_pair_ratios()[-1]:.3f}, "
+                 f"all so far {so_far.ratio('seconds'):.3f}")
+    return ConnectComparison(block_size, blocks, samples["without"], samples["with"])
 
 
 def monotonic_when_unpopulated(cgroup: Path, timeout: float) -> float:
@@ -320,11 +338,19 @@ def run_benchmark(lab: Lab, agent: AgentProcess, connect_workload: str, kill_wor
     wall, own = measure_startups(agent, STARTS)
     rss = settled_rss_mib(agent)
     idle_cpu = idle_cpu_ms_per_second(agent)
-    progress(f"connect rate: {arguments.blocks} blocks of {arguments.block_size} connects each side, in turns")
-    connects = measure_connect_rates(lab, agent, connect_workload, arguments.blocks, arguments.block_size)
+    progress(f"connect rate: {arguments.pairs} client pairs x {arguments.blocks} blocks of {arguments.block_size} "
+             "connects each side, in turns")
+    start_accept_server(lab, client_and_server_cpus()[1])
+    connects = measure_connect_rates(lab, agent, connect_workload, arguments.pairs, arguments.blocks,
+                                     arguments.block_size)
+    control = None
+    if arguments.control:
+        progress("control: the same with both clients outside the workload")
+        control = measure_connect_rates(lab, agent, connect_workload, arguments.pairs, arguments.blocks,
+                                        arguments.block_size, control=True)
     progress(f"kill: {arguments.kills} violations")
     kill_ms, agent_kill_ms = zip(*(kill_trial_ms(lab, agent, kill_workload) for _ in range(arguments.kills)))
-    return Results(wall, own, rss, idle_cpu, connects, list(kill_ms), list(agent_kill_ms))
+    return Results(wall, own, rss, idle_cpu, connects, control, list(kill_ms), list(agent_kill_ms))
 
 
 def verdict(met: bool) -> str:
@@ -335,7 +361,8 @@ def table_rows(results: Results) -> list[tuple[str, str, str, str]]:
     """(measure, value, target, verdict) rows."""
     s = results.summary()
     trials, kills = len(results.kill_ms), len(results.agent_kill_ms)
-    blocks = f"{len(results.connects.without)} x {results.connects.block_size} connects each side"
+    c = results.connects
+    blocks = f"{len(c.without) // c.blocks_per_pair} pairs x {c.blocks_per_pair} x {c.block_size} connects a side"
     return [
         (f"agent spawn -> agent_started (wall, median of {STARTS})", f"{s['startup_wall_seconds_median']:.3f} s", "", ""),
         (f"agent startup_seconds (own, median of {STARTS})", f"{s['startup_own_seconds_median']:.3f} s", "", ""),
@@ -346,8 +373,12 @@ def table_rows(results: Results) -> list[tuple[str, str, str, str]]:
         ("connect rate ratio with/without (all blocks)", f"{s['rate_ratio']:.3f}", f">= {TARGET_RATE_RATIO}",
          verdict(ratio_met(s))),
         ("  the same by the client's CPU time", f"{s['rate_ratio_cpu']:.3f}", "", ""),
-        ("  block pairs: p10 / median / p90", f"{s['rate_ratio_pairs_p10']:.3f} / {s['rate_ratio_pairs_median']:.3f} / "
-         f"{s['rate_ratio_pairs_p90']:.3f}", "", ""),
+        ("  blocks: p10 / median / p90", f"{s['rate_ratio_blocks_p10']:.3f} / {s['rate_ratio_blocks_median']:.3f} / "
+         f"{s['rate_ratio_blocks_p90']:.3f}", "", ""),
+        ("  client pairs: lowest / highest", f"{s['rate_ratio_client_pairs_min']:.3f} / "
+         f"{s['rate_ratio_client_pairs_max']:.3f}", "", ""),
+        *([("  control: both clients outside the workload", f"{s['control_rate_ratio']:.3f}", "", "")]
+          if results.control else []),
         (f"violation -> workload gone p50 ({trials} trials)", f"{s['kill_ms_p50']:.2f} ms", "", ""),
         (f"violation -> workload gone p99 ({trials} trials)", f"{s['kill_ms_p99']:.2f} ms",
          f"< {TARGET_KILL_P99_MS:g} ms", verdict(kill_met(s))),
@@ -377,6 +408,8 @@ def table(results: Results) -> str:
 def parse_arguments() -> argparse.Namespace:
     parser = argument_parser(__doc__)
     add_connect_arguments(parser)
+    parser.add_argument("--control", action="store_true",
+                        help="also measure with both clients outside the workload: what the method itself is worth")
     parser.add_argument("--kills", type=int, default=50, help="violations of the kill workload (default 50)")
     arguments = parse(parser)
     if arguments.kills < 2:
@@ -385,8 +418,10 @@ def parse_arguments() -> argparse.Namespace:
 
 
 def add_connect_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--blocks", type=positive, default=400,
-                        help="blocks of connects each side, taken in turns (default 400)")
+    parser.add_argument("--pairs", type=positive, default=8,
+                        help="fresh pairs of connect clients, one after the other (default 8)")
+    parser.add_argument("--blocks", type=positive, default=100,
+                        help="blocks of connects each client of a pair makes, taking turns (default 100)")
     parser.add_argument("--block-size", type=positive, default=200, help="connects per block (default 200)")
 
 
