@@ -245,7 +245,7 @@ static __always_inline void fold_slot(struct sock_info *slot) {
 // marked, and a fold clears the mark with an exchange before it reads the region (all of them
 // full barriers), so each count is either seen by the fold that clears its mark or marks the
 // region again for the next one.
-#define FOLD_REGION_SLOTS 256  // ew_fold folds one region per run: the verifier walks each slot
+#define FOLD_REGION_SLOTS 64  // ew_fold folds one region per run, and the verifier walks each of its slots
 BPF_ARRAY(unfolded, u64, SOCK_SLOTS / FOLD_REGION_SLOTS);
 
 static __always_inline void count_in_slot(struct sock_info *slot, u64 cookie, u32 len) {

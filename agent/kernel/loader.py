@@ -33,7 +33,7 @@ _BPF_MAP_TYPE_ARRAY = 2
 _BPF_MAP_TYPE_LRU_HASH = 9
 _BPF_F_MMAPABLE = 1 << 10
 SOCK_SLOTS = 262144  # bpf/warden.bpf.c
-_FOLD_REGIONS = SOCK_SLOTS // 256  # bpf/warden.bpf.c: one run of ew_fold each
+_FOLD_REGIONS = SOCK_SLOTS // 64  # bpf/warden.bpf.c (FOLD_REGION_SLOTS): one run of ew_fold each
 # The layout bpf/warden.bpf.c gives its pinned maps. bcc reuses a pinned map whatever its
 # layout and the verifier then refuses the programs with a bare EACCES, so it is checked first.
 PINNED_MAPS = {
