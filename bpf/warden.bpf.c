@@ -495,6 +495,21 @@ static __always_inline int is_ipv4_mapped(const u8 a[16]) {
     return high == 0 && mid == bpf_htonl(0xffff);
 }
 
+static __always_inline void report_sock_addr(u32 kind, u32 wl, int verdict, u64 cookie, const u8 addr[16], u8 proto,
+                                             u16 port, int v6) {
+    struct event ev = {};
+    fill_task(&ev);
+    ev.kind = kind;
+    ev.workload = wl;
+    ev.verdict = verdict;
+    ev.cookie = cookie;
+    ev.family = v6 ? AF_INET6 : AF_INET;
+    ev.dport = port;
+    ev.proto = proto;
+    __builtin_memcpy(ev.daddr, addr, 16);
+    emit(&ev);
+}
+
 // Port 53 of a DNS workload goes to its proxy in the caller's network namespace, whatever
 // resolver was asked; the allowlist does not judge it (the proxy does, name by name).
 // No proxy there yet: refused (no query leaves unjudged), and the agent is told to open one.
@@ -503,17 +518,8 @@ static __always_inline int redirect_dns(struct bpf_sock_addr *ctx, u32 wl, struc
     struct dns_proxy_key pk = {.netns = bpf_get_netns_cookie(ctx), .workload = wl};
     u32 *port = dns_proxy.lookup(&pk);
     if (!port) {
-        struct event ev = {};
-        fill_task(&ev);
-        ev.family = v6 ? AF_INET6 : AF_INET;
-        ev.dport = DNS_PORT;
-        ev.proto = (u8)ctx->protocol;
-        __builtin_memcpy(ev.daddr, addr, 16);
-        ev.kind = EV_DNS_PENDING;
-        ev.workload = wl;
-        ev.verdict = st->mode == MODE_MONITOR ? VERDICT_OBSERVE : VERDICT_DENY;
-        ev.cookie = bpf_get_socket_cookie(ctx);
-        emit(&ev);
+        report_sock_addr(EV_DNS_PENDING, wl, st->mode == MODE_MONITOR ? VERDICT_OBSERVE : VERDICT_DENY,
+                         bpf_get_socket_cookie(ctx), addr, (u8)ctx->protocol, DNS_PORT, v6);
         return st->mode == MODE_MONITOR;
     }
     struct dns_origin origin = {};
@@ -588,21 +594,6 @@ static __always_inline int judge_destination(struct guard *g, struct workload_st
     if (allowed && g)
         cache_put(g, st->generation, addr, proto, port, expires_ns);
     return verdict_for(st, allowed);
-}
-
-static __always_inline void report_sock_addr(u32 kind, u32 wl, int verdict, u64 cookie, const u8 addr[16], u8 proto,
-                                             u16 port, int v6) {
-    struct event ev = {};
-    fill_task(&ev);
-    ev.kind = kind;
-    ev.workload = wl;
-    ev.verdict = verdict;
-    ev.cookie = cookie;
-    ev.family = v6 ? AF_INET6 : AF_INET;
-    ev.dport = port;
-    ev.proto = proto;
-    __builtin_memcpy(ev.daddr, addr, 16);
-    emit(&ev);
 }
 
 // connect4/6 and sendmsg4/6 share one check. Returns 1 to let the call through, 0 for EPERM.

@@ -445,9 +445,9 @@ def check_pinned_maps(pin_dir: Path) -> None:
             log.warning("replaced %s, pinned by an earlier version with another layout (%s)", path, found)
             continue
         raise PinnedMapError(
-                f"{path} is pinned with another layout ({found}) than this version of Egress Warden "
-                f"uses ({expected}): an older or newer agent made it. Remove it (rm {path}; this resets "
-                f"the byte counters) or start the agent with another --pin-dir")
+            f"{path} is pinned with another layout ({found}) than this version of Egress Warden "
+            f"uses ({expected}): an older or newer agent made it. Remove it (rm {path}; this resets "
+            f"the byte counters) or start the agent with another --pin-dir")
 
 
 def remove_pins(pin_dir: Path) -> None:
