@@ -154,31 +154,27 @@ def run(events: int, rounds: int, tmp: Path, lab: Lab, postgres: PostgresServer)
             "median": {key: statistics.median(values) for key, values in samples.items()}}
 
 
+# (label, key in the result's samples), in the order of the table
+MEASURES = [
+    ("agent -> collector -> SQLite (rows stored)", "sqlite"),
+    ("agent -> collector -> PostgreSQL (rows stored)", "postgres"),
+    ("the agent's bare WatchEventBatches stream (ceiling)", "agent_batch_stream"),
+    ("the agent's bare WatchEvents stream, 1 event per message", "agent_stream"),
+    ("SQLite inserts alone (batches of 2000)", "sqlite_insert_only"),
+    ("PostgreSQL inserts alone (batches of 2000)", "postgres_insert_only"),
+    ("Python gRPC, bare, 1 Event per message", "grpc_1_per_message"),
+    ("Python gRPC, bare, 100 Events per message", "grpc_100_per_message"),
+]
+
+
 def table(result: dict) -> str:
     median = result["median"]
     rows = [("what", "events/s (median)", "samples"),
-            ("agent -> collector -> SQLite (rows stored)", f"{median['sqlite']:,.0f}", _samples(result, "sqlite")),
-            ("agent -> collector -> PostgreSQL (rows stored)", f"{median['postgres']:,.0f}",
-             _samples(result, "postgres")),
-            ("the agent's bare WatchEventBatches stream (ceiling)", f"{median['agent_batch_stream']:,.0f}",
-             _samples(result, "agent_batch_stream")),
-            ("the agent's bare WatchEvents stream, 1 event per message", f"{median['agent_stream']:,.0f}",
-             _samples(result, "agent_stream")),
-            ("SQLite inserts alone (batches of 2000)", f"{median['sqlite_insert_only']:,.0f}",
-             _samples(result, "sqlite_insert_only")),
-            ("PostgreSQL inserts alone (batches of 2000)", f"{median['postgres_insert_only']:,.0f}",
-             _samples(result, "postgres_insert_only")),
-            ("Python gRPC, bare, 1 Event per message", f"{median['grpc_1_per_message']:,.0f}",
-             _samples(result, "grpc_1_per_message")),
-            ("Python gRPC, bare, 100 Events per message", f"{median['grpc_100_per_message']:,.0f}",
-             _samples(result, "grpc_100_per_message"))]
+            *((label, f"{median[key]:,.0f}", ", ".join(f"{value:,.0f}" for value in result["samples"][key]))
+              for label, key in MEASURES)]
     met = "met" if median["postgres"] >= TARGET_POSTGRES else "missed"
     return "\n".join([f"{result['events']} events from one agent, {result['rounds']} round(s)", *aligned(rows),
                       f"target: >= {TARGET_POSTGRES:,} events/s into PostgreSQL from one agent: {met}"])
-
-
-def _samples(result: dict, key: str) -> str:
-    return ", ".join(f"{value:,.0f}" for value in result["samples"][key])
 
 
 def main() -> None:

@@ -15,7 +15,7 @@ import click
 
 from agent.actions.hooks import DEFAULT_TIMEOUT_SECONDS
 from agent.cli.sdnotify import notify
-from agent.cli.values import DURATION, SIZE
+from agent.cli.values import DURATION, PEM_FILE, SIZE
 from agent.events import EventBus, JsonLinesSink
 from agent.events.spool import SPOOL_FILE, Spool, SpoolAhead
 from agent.kernel.loader import DEFAULT_PIN_DIR
@@ -40,11 +40,11 @@ DEFAULT_SOCKET = Path("/run/egress-warden/agent.sock")
               help="Group owning the socket: its members may use every call, including kill.")
 @click.option("--listen", metavar="HOST:PORT",
               help="Also serve the read-only calls (status, lists, WatchEvents) on TCP with mutual TLS.")
-@click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+@click.option("--tls-cert", type=PEM_FILE,
               help="With --listen: the server certificate (PEM).")
-@click.option("--tls-key", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+@click.option("--tls-key", type=PEM_FILE,
               help="With --listen: its private key (PEM).")
-@click.option("--tls-client-ca", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+@click.option("--tls-client-ca", type=PEM_FILE,
               help="With --listen: the CA that signs client certificates; others are refused at the handshake.")
 @click.option("--spool-max-bytes", type=SIZE, default="256MiB", show_default=True,
               help="Bound of the event spool; the oldest events go first.")

@@ -13,6 +13,8 @@ import grpc
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
+from agent.cli.values import PEM_FILE
+
 DEFAULT_SOCKET = "/run/egress-warden/agent.sock"
 SOCKET_ENV = "WARDEN_SOCKET"
 CALL_SECONDS = 15.0  # deadline of every call but an event stream
@@ -71,11 +73,11 @@ def target_options(command: Callable) -> Callable:
     @click.option("--socket", "socket_path", metavar="PATH", envvar=SOCKET_ENV, default=DEFAULT_SOCKET, show_default=True,
                   help=f"The agent's Unix socket (or ${SOCKET_ENV}).")
     @click.option("--server", metavar="HOST:PORT", help="A remote agent's TCP address (mutual TLS; read-only calls).")
-    @click.option("--tls-ca", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    @click.option("--tls-ca", type=PEM_FILE,
                   help="With --server: the CA that signed the agent's certificate.")
-    @click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    @click.option("--tls-cert", type=PEM_FILE,
                   help="With --server: this client's certificate.")
-    @click.option("--tls-key", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    @click.option("--tls-key", type=PEM_FILE,
                   help="With --server: this client's private key.")
     @functools.wraps(command)
     def wrapped(socket_path: str, server: str | None, tls_ca: Path | None, tls_cert: Path | None,

@@ -1,7 +1,8 @@
-"""Option types shared by the commands: sizes and durations as people write them."""
+"""Option types shared by the commands: sizes and durations as people write them, PEM files."""
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any, Callable
 
 import click
@@ -38,3 +39,4 @@ class _Parsed(click.ParamType):
 
 SIZE = _Parsed("SIZE", values.size)  # 256MiB, 1GB, 1000000
 DURATION = _Parsed("DURATION", duration_seconds)  # 90s, 15m, 7d
+PEM_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)  # a certificate or key, checked to exist
