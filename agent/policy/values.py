@@ -154,16 +154,16 @@ def _is_ip_address(text: str) -> bool:
 
 
 def _is_ipv4_address(text: str) -> bool:
-    try:
-        ipaddress.IPv4Address(text)
-    except ValueError:
-        return False
-    return True
+    return _parses_as(ipaddress.IPv4Address, text)
 
 
 def _is_ipv6_address(text: str) -> bool:
+    return _parses_as(ipaddress.IPv6Address, text)
+
+
+def _parses_as(address_type: type, text: str) -> bool:
     try:
-        ipaddress.IPv6Address(text)
+        address_type(text)
     except ValueError:
         return False
     return True
