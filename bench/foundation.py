@@ -1,13 +1,14 @@
 """Foundation benchmark: what the agent costs and how fast it acts, measured in one run.
 
-    python bench/foundation.py [--pairs N] [--blocks N] [--block-size N] [--control] [--kills N] [-o table|json]
+    python bench/foundation.py [--sets N] [--blocks N] [--block-size N] [--control] [--kills N] [-o table|json]
 
 1. agent start to enforcing: wall time from spawning `warden agent` to its
    agent_started event, and the agent's own startup_seconds (median of 3 starts)
 2. the agent's RSS once started, and the CPU it spends while idle
 3. TCP connect rate of a process in ROUTER to a server in NET under `warden run`, against
-   the same client outside any workload: pairs of clients take turns in short blocks,
-   pinned to one CPU and the server to the other (see measure_connect_rates)
+   the same client in a cgroup as deep with nothing attached (baseline_cgroup), and in the
+   root cgroup: sets of clients take turns in short blocks, pinned to one CPU and the server
+   to the other (see measure_connect_rates)
 4. time from a violation of an on_violation: kill workload to its last process gone
 """
 from __future__ import annotations
@@ -18,11 +19,13 @@ import os
 import select
 import statistics
 import subprocess
+import secrets
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Iterator, TextIO
 
 # first: puts tests/ and the repository root on sys.path
 from common import agent_in_lab, aligned, argument_parser, parse, percentile, progress, report
@@ -30,6 +33,7 @@ from common import agent_in_lab, aligned, argument_parser, parse, percentile, pr
 import psutil
 from agent import cgroups
 from agentproc import AgentProcess, unique_name
+from agent.kernel.loader import detach_all
 from agent.lab.network import Lab
 
 PROVIDER_PORT = 443
@@ -89,42 +93,52 @@ time.sleep(60)
 """
 
 
+# The connect clients: "without" in a cgroup of its own at the workload cgroup's depth with
+# nothing attached (baseline_cgroup), "with" under `warden run`, "root" in the root cgroup.
+SIDES = ("without", "with", "root")
+
+
 @dataclass
 class ConnectComparison:
-    """Wall and CPU seconds of each block of connects, without and with the agent; block i of
-    one side ran right before or after block i of the other, and each `blocks_per_pair`
-    blocks came from a fresh pair of client processes."""
+    """Wall and CPU seconds of each block of connects, by side (SIDES); block i of each side
+    ran right before or after block i of the others, and each `blocks_per_set` blocks came
+    from a fresh set of client processes, one a side."""
 
     block_size: int
-    blocks_per_pair: int
-    without: list[dict[str, float]]
-    with_agent: list[dict[str, float]]
+    blocks_per_set: int
+    blocks: dict[str, list[dict[str, float]]]
 
-    def ratio(self, measure: str, first: int = 0, last: int | None = None) -> float:
-        """Connects per `measure` ("seconds" or "cpu_seconds") with the agent over without,
+    def ratio(self, measure: str, side: str = "with", first: int = 0, last: int | None = None) -> float:
+        """Connects per `measure` ("seconds" or "cpu_seconds") of `side` over "without",
         blocks first..last together."""
-        return (sum(b[measure] for b in self.without[first:last]) /
-                sum(b[measure] for b in self.with_agent[first:last]))
+        return (sum(b[measure] for b in self.blocks["without"][first:last]) /
+                sum(b[measure] for b in self.blocks[side][first:last]))
+
+    def rate(self, side: str) -> float:
+        return self.block_size * len(self.blocks[side]) / sum(b["seconds"] for b in self.blocks[side])
 
     def block_ratios(self) -> list[float]:
-        return [w["seconds"] / a["seconds"] for w, a in zip(self.without, self.with_agent)]
+        return [w["seconds"] / a["seconds"] for w, a in zip(self.blocks["without"], self.blocks["with"])]
 
-    def client_pair_ratios(self) -> list[float]:
-        n = self.blocks_per_pair
-        return [self.ratio("seconds", start, start + n) for start in range(0, len(self.without), n)]
+    def client_set_ratios(self) -> list[float]:
+        n = self.blocks_per_set
+        return [self.ratio("seconds", "with", start, start + n) for start in range(0, len(self.blocks["with"]), n)]
 
     def summary(self) -> dict[str, float]:
-        blocks, pairs = self.block_ratios(), self.client_pair_ratios()
+        blocks, sets = self.block_ratios(), self.client_set_ratios()
         return {
-            "rate_without_agent": self.block_size * len(self.without) / sum(b["seconds"] for b in self.without),
-            "rate_with_agent": self.block_size * len(self.with_agent) / sum(b["seconds"] for b in self.with_agent),
+            "rate_without_agent": self.rate("without"),
+            "rate_with_agent": self.rate("with"),
+            "rate_in_root_cgroup": self.rate("root"),
             "rate_ratio": self.ratio("seconds"),
             "rate_ratio_cpu": self.ratio("cpu_seconds"),
             "rate_ratio_blocks_p10": percentile(blocks, 10),
             "rate_ratio_blocks_median": statistics.median(blocks),
             "rate_ratio_blocks_p90": percentile(blocks, 90),
-            "rate_ratio_client_pairs_min": min(pairs),
-            "rate_ratio_client_pairs_max": max(pairs),
+            "rate_ratio_client_sets_min": min(sets),
+            "rate_ratio_client_sets_max": max(sets),
+            "rate_ratio_against_root_cgroup": self.rate("with") / self.rate("root"),
+            "root_cgroup_against_without": self.ratio("seconds", "root"),
         }
 
 
@@ -135,7 +149,7 @@ class Results:
     rss_mib: float
     idle_cpu_ms_per_second: float
     connects: ConnectComparison
-    control: ConnectComparison | None  # both clients outside the workload (--control)
+    control: ConnectComparison | None  # "with" outside the workload too (--control)
     kill_ms: list[float]
     agent_kill_ms: list[float]
 
@@ -219,10 +233,47 @@ def start_accept_server(lab: Lab, cpu: int | None = None) -> None:
         raise RuntimeError(f"accept server did not start (exit {server.wait()})")
 
 
-def own_cgroup() -> str:
-    """This process's cgroup v2 path, which an unguarded client inherits."""
-    return next(line[3:].strip() for line in Path("/proc/self/cgroup").read_text().splitlines()
-                if line.startswith("0::"))
+@contextmanager
+def cgroup_dir(parent: Path, name: str) -> Iterator[Path]:
+    """A new cgroup, removed after (with whatever was attached to it)."""
+    path = parent / name
+    path.mkdir()
+    try:
+        yield path
+    finally:
+        detach_all(path)
+        path.rmdir()
+
+
+@contextmanager
+def baseline_cgroup() -> Iterator[Path]:
+    """A cgroup for the clients without the agent, as deep as a workload's
+    (/egress-warden/NAME) and with nothing attached. A router is never in the root cgroup of a
+    host: systemd starts it in system.slice/NAME.service, and match.systemd_unit adopts that
+    very cgroup. Here, where the bench runs in the root cgroup, a client below the root makes
+    0-0.6 % fewer connects than one in it (measured, cause not pinned down), a cost of being in
+    a cgroup, not of the agent. The "root" side keeps that figure in view."""
+    with cgroup_dir(cgroups.cgroup2_root(), f"ew-bench-baseline-{secrets.token_hex(3)}") as parent, \
+            cgroup_dir(parent, "router") as cgroup:
+        yield cgroup
+
+
+def in_cgroup(cgroup: Path, argv: list[str]) -> list[str]:
+    """argv, moving itself into `cgroup` before it execs."""
+    return ["sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', str(cgroup), *argv]
+
+
+def cgroup_name(cgroup: Path) -> str:
+    """As /proc/PID/cgroup names it."""
+    return "/" + str(cgroup.relative_to(cgroups.cgroup2_root())).removeprefix(".")
+
+
+def turn_order(sides: tuple[str, ...], turn: int) -> tuple[str, ...]:
+    """Each side first in its turn, and every other turn reversed: over 2 x len(sides) turns
+    (all orders of three sides), none is favoured by whom it follows."""
+    k = turn % len(sides)
+    order = sides[k:] + sides[:k]
+    return order if turn % 2 == 0 else order[::-1]
 
 
 class ConnectClient:
@@ -251,40 +302,43 @@ class ConnectClient:
         return json.loads(line)
 
 
-def measure_connect_rates(lab: Lab, agent: AgentProcess, workload: str, pairs: int, blocks: int,
+def measure_connect_rates(lab: Lab, agent: AgentProcess, workload: str, baseline: Path, sets: int, blocks: int,
                           block_size: int, control: bool = False) -> ConnectComparison:
-    """Two clients, one outside any workload and one under `warden run`, connect in turns of
-    `block_size` (A B, B A, A B, ...). This machine's speed drifts by tens of percent within
-    seconds (other virtual machines share its host), and blocks of a few milliseconds each see
-    the same drift on both sides, where runs of seconds each did not. Two identical clients
-    still differ by up to 2 % here (measured: it goes with the process, its memory layout
-    most likely), so after `blocks` turns a fresh pair takes over, `pairs` pairs in all, each
-    started in the other order than the one before. `control`: the "with" client runs outside
-    the workload too, so the ratio shows what the measurement itself is worth. The server
-    (start_accept_server) must be running."""
+    """A client for each of SIDES connects in turns of `block_size` (turn_order). This
+    machine's speed drifts by tens of percent within seconds (other virtual machines share its
+    host), and blocks of a few milliseconds each see the same drift on every side, where runs
+    of seconds each did not. Two identical clients still differ by up to 2 % here (measured: it
+    goes with the process, its memory layout most likely), so after `blocks` turns a fresh set
+    of clients takes over, `sets` sets in all. `baseline`: the "without" client's cgroup
+    (baseline_cgroup). `control`: the "with" client runs there too, so its ratio shows what the
+    measurement itself is worth. The server (start_accept_server) must be running."""
     client_cpu, _ = client_and_server_cpus()
     argv = [sys.executable, "-c", CONNECT_CLIENT, Lab.PROVIDER4, str(PROVIDER_PORT)]
-    unguarded = lambda: ConnectClient(lab, pinned(client_cpu, argv), own_cgroup())  # noqa: E731
-    starts = {"without": unguarded,
-              "with": unguarded if control else lambda: ConnectClient(
-                  lab, pinned(client_cpu, agent.run_cmd(workload, argv)), f"/{cgroups.PARENT}/{workload}")}
-    samples: dict[str, list[dict[str, float]]] = {"without": [], "with": []}
-    for pair in range(pairs):
+    root = cgroups.cgroup2_root()
+    in_place = lambda cgroup: ConnectClient(  # noqa: E731
+        lab, pinned(client_cpu, in_cgroup(cgroup, argv)), cgroup_name(cgroup))
+    starts = {"without": lambda: in_place(baseline),
+              "with": (lambda: in_place(baseline)) if control else lambda: ConnectClient(
+                  lab, pinned(client_cpu, agent.run_cmd(workload, argv)), f"/{cgroups.PARENT}/{workload}"),
+              "root": lambda: in_place(root)}
+    samples: dict[str, list[dict[str, float]]] = {side: [] for side in SIDES}
+    for client_set in range(sets):
         clients = {}
         try:
-            for side in ("without", "with") if pair % 2 == 0 else ("with", "without"):
+            for side in turn_order(SIDES, client_set):
                 clients[side] = starts[side]()
                 clients[side].connect(block_size)  # warm-up: first connects, caches
             for block in range(blocks):
-                for side in ("without", "with") if block % 2 == 0 else ("with", "without"):
+                for side in turn_order(SIDES, block):
                     samples[side].append(clients[side].connect(block_size))
         finally:
             for client in clients.values():
                 client.close()
-        so_far = ConnectComparison(block_size, blocks, samples["without"], samples["with"])
-        progress(f"  client pair {pair + 1}/{pairs}: with/without {so_far.client_pair_ratios()[-1]:.3f}, "
-                 f"all so far {so_far.ratio('seconds'):.3f}")
-    return ConnectComparison(block_size, blocks, samples["without"], samples["with"])
+        so_far = ConnectComparison(block_size, blocks, samples)
+        progress(f"  client set {client_set + 1}/{sets}: with/without {so_far.client_set_ratios()[-1]:.3f}, "
+                 f"all so far {so_far.ratio('seconds'):.3f} (against the root cgroup "
+                 f"{so_far.rate('with') / so_far.rate('root'):.3f})")
+    return ConnectComparison(block_size, blocks, samples)
 
 
 def monotonic_when_unpopulated(cgroup: Path, timeout: float) -> float:
@@ -332,21 +386,21 @@ def kill_trial_ms(lab: Lab, agent: AgentProcess, workload: str) -> tuple[float, 
     return (gone - before_connect) * 1000, kill_event["detail"]["seconds"] * 1000
 
 
-def run_benchmark(lab: Lab, agent: AgentProcess, connect_workload: str, kill_workload: str,
+def run_benchmark(lab: Lab, agent: AgentProcess, connect_workload: str, kill_workload: str, baseline: Path,
                   arguments: argparse.Namespace) -> Results:
     progress(f"starting the agent {STARTS} times")
     wall, own = measure_startups(agent, STARTS)
     rss = settled_rss_mib(agent)
     idle_cpu = idle_cpu_ms_per_second(agent)
-    progress(f"connect rate: {arguments.pairs} client pairs x {arguments.blocks} blocks of {arguments.block_size} "
+    progress(f"connect rate: {arguments.sets} client sets x {arguments.blocks} blocks of {arguments.block_size} "
              "connects each side, in turns")
     start_accept_server(lab, client_and_server_cpus()[1])
-    connects = measure_connect_rates(lab, agent, connect_workload, arguments.pairs, arguments.blocks,
+    connects = measure_connect_rates(lab, agent, connect_workload, baseline, arguments.sets, arguments.blocks,
                                      arguments.block_size)
     control = None
     if arguments.control:
-        progress("control: the same with both clients outside the workload")
-        control = measure_connect_rates(lab, agent, connect_workload, arguments.pairs, arguments.blocks,
+        progress("control: the same with the \"with\" client outside the workload too")
+        control = measure_connect_rates(lab, agent, connect_workload, baseline, arguments.sets, arguments.blocks,
                                         arguments.block_size, control=True)
     progress(f"kill: {arguments.kills} violations")
     kill_ms, agent_kill_ms = zip(*(kill_trial_ms(lab, agent, kill_workload) for _ in range(arguments.kills)))
@@ -362,7 +416,7 @@ def table_rows(results: Results) -> list[tuple[str, str, str, str]]:
     s = results.summary()
     trials, kills = len(results.kill_ms), len(results.agent_kill_ms)
     c = results.connects
-    blocks = f"{len(c.without) // c.blocks_per_pair} pairs x {c.blocks_per_pair} x {c.block_size} connects a side"
+    blocks = f"{len(c.blocks['with']) // c.blocks_per_set} sets x {c.blocks_per_set} x {c.block_size} connects a side"
     return [
         (f"agent spawn -> agent_started (wall, median of {STARTS})", f"{s['startup_wall_seconds_median']:.3f} s", "", ""),
         (f"agent startup_seconds (own, median of {STARTS})", f"{s['startup_own_seconds_median']:.3f} s", "", ""),
@@ -370,14 +424,17 @@ def table_rows(results: Results) -> list[tuple[str, str, str, str]]:
         (f"agent CPU while its workloads idle ({IDLE_CPU_SECONDS:g} s)", f"{s['idle_cpu_ms_per_second']:.1f} ms/s", "", ""),
         (f"connect rate without agent ({blocks})", f"{s['rate_without_agent']:.0f} /s", "", ""),
         ("connect rate with agent", f"{s['rate_with_agent']:.0f} /s", "", ""),
+        ("connect rate in the root cgroup", f"{s['rate_in_root_cgroup']:.0f} /s", "", ""),
         ("connect rate ratio with/without (all blocks)", f"{s['rate_ratio']:.3f}", f">= {TARGET_RATE_RATIO}",
          verdict(ratio_met(s))),
         ("  the same by the client's CPU time", f"{s['rate_ratio_cpu']:.3f}", "", ""),
         ("  blocks: p10 / median / p90", f"{s['rate_ratio_blocks_p10']:.3f} / {s['rate_ratio_blocks_median']:.3f} / "
          f"{s['rate_ratio_blocks_p90']:.3f}", "", ""),
-        ("  client pairs: lowest / highest", f"{s['rate_ratio_client_pairs_min']:.3f} / "
-         f"{s['rate_ratio_client_pairs_max']:.3f}", "", ""),
-        *([("  control: both clients outside the workload", f"{s['control_rate_ratio']:.3f}", "", "")]
+        ("  client sets: lowest / highest", f"{s['rate_ratio_client_sets_min']:.3f} / "
+         f"{s['rate_ratio_client_sets_max']:.3f}", "", ""),
+        ("  with agent against the root cgroup", f"{s['rate_ratio_against_root_cgroup']:.3f}", "", ""),
+        ("  root cgroup against without", f"{s['root_cgroup_against_without']:.3f}", "", ""),
+        *([("  control: \"with\" outside the workload too", f"{s['control_rate_ratio']:.3f}", "", "")]
           if results.control else []),
         (f"violation -> workload gone p50 ({trials} trials)", f"{s['kill_ms_p50']:.2f} ms", "", ""),
         (f"violation -> workload gone p99 ({trials} trials)", f"{s['kill_ms_p99']:.2f} ms",
@@ -409,7 +466,7 @@ def parse_arguments() -> argparse.Namespace:
     parser = argument_parser(__doc__)
     add_connect_arguments(parser)
     parser.add_argument("--control", action="store_true",
-                        help="also measure with both clients outside the workload: what the method itself is worth")
+                        help="also measure with the \"with\" client outside the workload: what the method itself is worth")
     parser.add_argument("--kills", type=int, default=50, help="violations of the kill workload (default 50)")
     arguments = parse(parser)
     if arguments.kills < 2:
@@ -418,10 +475,11 @@ def parse_arguments() -> argparse.Namespace:
 
 
 def add_connect_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--pairs", type=positive, default=8,
-                        help="fresh pairs of connect clients, one after the other (default 8)")
+    parser.add_argument("--sets", type=positive, default=8,
+                        help="fresh sets of connect clients (one without the agent, one with it, one in the root "
+                             "cgroup), one set after the other (default 8)")
     parser.add_argument("--blocks", type=positive, default=100,
-                        help="blocks of connects each client of a pair makes, taking turns (default 100)")
+                        help="blocks of connects each client of a set makes, taking turns (default 100)")
     parser.add_argument("--block-size", type=positive, default=200, help="connects per block (default 200)")
 
 
@@ -436,8 +494,9 @@ def main() -> None:
     arguments = parse_arguments()
     connect_workload, kill_workload = unique_name("bench-c"), unique_name("bench-k")
     workloads = [connect_workload, kill_workload]
-    with agent_in_lab(bench_policy(connect_workload, kill_workload), workloads) as (lab, agent):
-        results = run_benchmark(lab, agent, connect_workload, kill_workload, arguments)
+    with agent_in_lab(bench_policy(connect_workload, kill_workload), workloads) as (lab, agent), \
+            baseline_cgroup() as baseline:
+        results = run_benchmark(lab, agent, connect_workload, kill_workload, baseline, arguments)
     report(arguments.output, {"samples": asdict(results), "summary": results.summary()}, table(results))
 
 

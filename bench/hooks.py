@@ -37,7 +37,7 @@ from agent import cgroups
 from agent.kernel import bpfsys
 from agent.kernel.loader import AllowEntry, KernelPrograms, detach_all, remove_pins
 from agent.lab.network import Lab
-from foundation import PROVIDER_PORT, client_and_server_cpus, pinned, positive, start_accept_server
+from foundation import PROVIDER_PORT, cgroup_dir, client_and_server_cpus, pinned, positive, start_accept_server
 
 # For each JSON line {"cgroups": [...], "block": N, "cycles": C} on stdin: C cycles, each a
 # block of N connects in every cgroup (rotating which goes first); prints the seconds of each
@@ -73,17 +73,6 @@ int empty_connect4(struct bpf_sock_addr *ctx) { return 1; }
 int empty_sock_create(struct bpf_sock *sk) { return 1; }
 int empty_egress(struct __sk_buff *skb) { return 1; }
 """
-
-
-@contextmanager
-def cgroup_dir(parent: Path, name: str) -> Iterator[Path]:
-    path = parent / name
-    path.mkdir()
-    try:
-        yield path
-    finally:
-        detach_all(path)
-        path.rmdir()
 
 
 @contextmanager

@@ -1,6 +1,6 @@
 """Counting and backstop overhead: bulk TCP and connect rate, with the agent against without.
 
-    python bench/traffic.py [--rounds N] [--bytes SIZE] [--pairs N] [--blocks N] [--block-size N] [-o table|json]
+    python bench/traffic.py [--rounds N] [--bytes SIZE] [--sets N] [--blocks N] [--block-size N] [-o table|json]
 
 Both are measured in one run, interleaved, so a drift of this shared machine favours
 neither side:
@@ -10,8 +10,10 @@ neither side:
    wall time and per
    second of the sender's CPU; under `warden run` every packet passes the counting backstop.
    Each ratio two ways: median(with) / median(without), and the median of the rounds' ratios;
-2. connect rate: bench/foundation.py's measurement (pairs of clients taking turns in short
+2. connect rate: bench/foundation.py's measurement (sets of clients taking turns in short
    blocks), by wall time and by the client's own CPU time.
+The runs without the agent are in a cgroup as deep as the workload's, with nothing attached
+(foundation.baseline_cgroup says why).
 Target >= 0.97.
 """
 from __future__ import annotations
@@ -20,14 +22,15 @@ import json
 import shutil
 import statistics
 import subprocess
+from pathlib import Path
 from typing import Any, Callable
 
 # first: puts tests/ and the repository root on sys.path
 from common import agent_in_lab, argument_parser, parse, progress, report
 
 from agentproc import AgentProcess, unique_name
-from foundation import (PROVIDER_PORT, add_connect_arguments, client_and_server_cpus, measure_connect_rates, pinned,
-                        positive, start_accept_server)
+from foundation import (PROVIDER_PORT, add_connect_arguments, baseline_cgroup, client_and_server_cpus, in_cgroup,
+                        measure_connect_rates, pinned, positive, start_accept_server)
 from agent.lab.network import Lab
 
 IPERF_PORT = 5201
@@ -79,19 +82,20 @@ def ratios(pair: Pair) -> dict[str, float]:
             "median_of_round_ratios": statistics.median(w / o for w, o in zip(pair["with"], pair["without"]))}
 
 
-def run(lab: Lab, agent: AgentProcess, workload: str, arguments) -> dict[str, Any]:
+def run(lab: Lab, agent: AgentProcess, workload: str, baseline: Path, arguments) -> dict[str, Any]:
     agent.start()
     client_cpu, server_cpu = client_and_server_cpus()
     lab.run_in_net(pinned(server_cpu, ["iperf3", "-s", "-B", Lab.PROVIDER4, "-p", str(IPERF_PORT)]),
                    stdout=subprocess.DEVNULL)
-    iperf = pinned(client_cpu, ["iperf3", "-c", Lab.PROVIDER4, "-p", str(IPERF_PORT), "-n", arguments.bytes, "-J"])
-    bulk = interleaved({"without": lambda: iperf_measures(lab, iperf),
-                        "with": lambda: iperf_measures(lab, agent.run_cmd(workload, iperf))},
+    iperf = ["iperf3", "-c", Lab.PROVIDER4, "-p", str(IPERF_PORT), "-n", arguments.bytes, "-J"]
+    bulk = interleaved({"without": lambda: iperf_measures(lab, pinned(client_cpu, in_cgroup(baseline, iperf))),
+                        "with": lambda: iperf_measures(lab, pinned(client_cpu, agent.run_cmd(workload, iperf)))},
                        arguments.rounds, "bulk TCP")
     start_accept_server(lab, server_cpu)
-    connects = measure_connect_rates(lab, agent, workload, arguments.pairs, arguments.blocks, arguments.block_size)
+    connects = measure_connect_rates(lab, agent, workload, baseline, arguments.sets, arguments.blocks,
+                                     arguments.block_size)
     return {"bulk": {measure: {"samples": pair, **ratios(pair)} for measure, pair in bulk.items()},
-            "connect": {"samples": {"without": connects.without, "with": connects.with_agent}, **connects.summary()}}
+            "connect": {"samples": connects.blocks, **connects.summary()}}
 
 
 UNITS = {"bulk_gbit_per_second": "Gbit/s", "bulk_gbit_per_cpu_second": "Gbit/CPU s"}
@@ -106,15 +110,17 @@ def table(result: dict[str, Any]) -> str:
                  (f"{measure} ratio: of medians / median of rounds",
                   f"{found['ratio_of_medians']:.3f} / {found['median_of_round_ratios']:.3f}  (target >= {TARGET_RATIO})")]
     c = result["connect"]
-    blocks = len(c["samples"]["without"])
+    blocks = len(c["samples"]["with"])
     rows += [(f"connects per second without / with agent ({blocks} blocks each)",
               f"{c['rate_without_agent']:.0f} / {c['rate_with_agent']:.0f} /s"),
              ("connect rate ratio: wall / client CPU (all blocks)",
               f"{c['rate_ratio']:.3f} / {c['rate_ratio_cpu']:.3f}  (target >= {TARGET_RATIO})"),
              ("connect rate ratio, blocks: p10 / median / p90",
               f"{c['rate_ratio_blocks_p10']:.3f} / {c['rate_ratio_blocks_median']:.3f} / {c['rate_ratio_blocks_p90']:.3f}"),
-             ("connect rate ratio, client pairs: lowest / highest",
-              f"{c['rate_ratio_client_pairs_min']:.3f} / {c['rate_ratio_client_pairs_max']:.3f}")]
+             ("connect rate ratio, client sets: lowest / highest",
+              f"{c['rate_ratio_client_sets_min']:.3f} / {c['rate_ratio_client_sets_max']:.3f}"),
+             ("connect rate ratio against the root cgroup",
+              f"{c['rate_ratio_against_root_cgroup']:.3f}")]
     width = max(len(r[0]) for r in rows)
     return "\n".join(f"{name.ljust(width)}  {value}" for name, value in rows)
 
@@ -128,8 +134,8 @@ def main() -> None:
     if shutil.which("iperf3") is None:
         parser.error("iperf3 is not installed: sudo ./scripts/setup.sh installs it (Debian package iperf3)")
     workload = unique_name("bench-t")
-    with agent_in_lab(bench_policy(workload), [workload]) as (lab, agent):
-        result = run(lab, agent, workload, arguments)
+    with agent_in_lab(bench_policy(workload), [workload]) as (lab, agent), baseline_cgroup() as baseline:
+        result = run(lab, agent, workload, baseline, arguments)
     report(arguments.output, result, table(result))
 
 
