@@ -16,10 +16,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import select
 import statistics
 import subprocess
-import secrets
 import sys
 import time
 from contextlib import contextmanager
@@ -117,6 +117,9 @@ class ConnectComparison:
     def rate(self, side: str) -> float:
         return self.block_size * len(self.blocks[side]) / sum(b["seconds"] for b in self.blocks[side])
 
+    def ratio_against_root_cgroup(self) -> float:
+        return self.rate("with") / self.rate("root")
+
     def block_ratios(self) -> list[float]:
         return [w["seconds"] / a["seconds"] for w, a in zip(self.blocks["without"], self.blocks["with"])]
 
@@ -137,7 +140,7 @@ class ConnectComparison:
             "rate_ratio_blocks_p90": percentile(blocks, 90),
             "rate_ratio_client_sets_min": min(sets),
             "rate_ratio_client_sets_max": max(sets),
-            "rate_ratio_against_root_cgroup": self.rate("with") / self.rate("root"),
+            "rate_ratio_against_root_cgroup": self.ratio_against_root_cgroup(),
             "root_cgroup_against_without": self.ratio("seconds", "root"),
         }
 
@@ -337,7 +340,7 @@ def measure_connect_rates(lab: Lab, agent: AgentProcess, workload: str, baseline
         so_far = ConnectComparison(block_size, blocks, samples)
         progress(f"  client set {client_set + 1}/{sets}: with/without {so_far.client_set_ratios()[-1]:.3f}, "
                  f"all so far {so_far.ratio('seconds'):.3f} (against the root cgroup "
-                 f"{so_far.rate('with') / so_far.rate('root'):.3f})")
+                 f"{so_far.ratio_against_root_cgroup():.3f})")
     return ConnectComparison(block_size, blocks, samples)
 
 
