@@ -384,7 +384,7 @@ def _traffic_counter(k, v) -> TrafficCounter:
 # struct sock_info: cookie, generation, addr, tgid, workload, port, proto, listen, kept, pad,
 # seen, packets, bytes (the last two not yet folded into `traffic`).
 _SLOT = struct.Struct("=QQ16sIHHBBBBIQQ")
-_SLOT_PACKETS, _SLOT_BYTES = 6, 7  # their index in the slot as eight u64
+_SLOT_WORDS = _SLOT.size // 8  # the slot as u64s: packets and bytes are the last two
 
 
 def read_pinned_traffic(pin_dir: Path) -> list[TrafficCounter]:
@@ -414,7 +414,7 @@ def _unfolded_slots(path: Path) -> list[tuple]:
     except FileNotFoundError:
         return []
     words = memoryview(data).cast("Q")
-    packets, byte_counts = words[_SLOT_PACKETS::8], words[_SLOT_BYTES::8]
+    packets, byte_counts = words[_SLOT_WORDS - 2::_SLOT_WORDS], words[_SLOT_WORDS - 1::_SLOT_WORDS]
     return [_SLOT.unpack_from(data, i * _SLOT.size) for i in range(SOCK_SLOTS) if packets[i] or byte_counts[i]]
 
 
