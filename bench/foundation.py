@@ -8,7 +8,7 @@
 3. TCP connect rate of a process in ROUTER to a server in NET under `warden run`, against
    the same client in a cgroup as deep with nothing attached (baseline_cgroup), and in the
    root cgroup: sets of clients take turns in short blocks, pinned to one CPU and the server
-   to the other (see measure_connect_rates)
+   to the other (see measure_connect_rates), and the agent's CPU meanwhile
 4. time from a violation of an on_violation: kill workload to its last process gone
 """
 from __future__ import annotations
@@ -151,6 +151,7 @@ class Results:
     startup_own_seconds: list[float]
     rss_mib: float
     idle_cpu_ms_per_second: float
+    connecting_cpu_ms_per_second: float  # while the connect clients run: folding and accounting their sockets
     connects: ConnectComparison
     control: ConnectComparison | None  # "with" outside the workload too (--control)
     kill_ms: list[float]
@@ -162,6 +163,7 @@ class Results:
             "startup_own_seconds_median": statistics.median(self.startup_own_seconds),
             "rss_mib": self.rss_mib,
             "idle_cpu_ms_per_second": self.idle_cpu_ms_per_second,
+            "connecting_cpu_ms_per_second": self.connecting_cpu_ms_per_second,
             **self.connects.summary(),
             **({"control_rate_ratio": self.control.ratio("seconds")} if self.control else {}),
             "kill_ms_p50": statistics.median(self.kill_ms),
@@ -209,13 +211,18 @@ def settled_rss_mib(agent: AgentProcess) -> float:
     return psutil.Process(agent.process.pid).memory_info().rss / 2**20
 
 
+def agent_cpu_seconds(agent: AgentProcess) -> float:
+    """The agent's user and system CPU so far, all its threads (its programs' run time is
+    charged to the processes they run for, not to the agent)."""
+    times = psutil.Process(agent.process.pid).cpu_times()
+    return times.user + times.system
+
+
 def idle_cpu_ms_per_second(agent: AgentProcess, seconds: float = IDLE_CPU_SECONDS) -> float:
     """CPU the agent spends guarding workloads that do nothing (its once-a-second accounting)."""
-    process = psutil.Process(agent.process.pid)
-    before = process.cpu_times()
+    before = agent_cpu_seconds(agent)
     time.sleep(seconds)
-    after = process.cpu_times()
-    return (after.user + after.system - before.user - before.system) * 1000 / seconds
+    return (agent_cpu_seconds(agent) - before) * 1000 / seconds
 
 
 def client_and_server_cpus() -> tuple[int | None, int | None]:
@@ -398,8 +405,10 @@ def run_benchmark(lab: Lab, agent: AgentProcess, connect_workload: str, kill_wor
     progress(f"connect rate: {arguments.sets} client sets x {arguments.blocks} blocks of {arguments.block_size} "
              "connects each side, in turns")
     start_accept_server(lab, client_and_server_cpus()[1])
+    cpu_before, started = agent_cpu_seconds(agent), time.monotonic()
     connects = measure_connect_rates(lab, agent, connect_workload, baseline, arguments.sets, arguments.blocks,
                                      arguments.block_size)
+    busy_cpu = (agent_cpu_seconds(agent) - cpu_before) * 1000 / (time.monotonic() - started)
     control = None
     if arguments.control:
         progress("control: the same with the \"with\" client outside the workload too")
@@ -407,7 +416,7 @@ def run_benchmark(lab: Lab, agent: AgentProcess, connect_workload: str, kill_wor
                                         arguments.block_size, control=True)
     progress(f"kill: {arguments.kills} violations")
     kill_ms, agent_kill_ms = zip(*(kill_trial_ms(lab, agent, kill_workload) for _ in range(arguments.kills)))
-    return Results(wall, own, rss, idle_cpu, connects, control, list(kill_ms), list(agent_kill_ms))
+    return Results(wall, own, rss, idle_cpu, busy_cpu, connects, control, list(kill_ms), list(agent_kill_ms))
 
 
 def verdict(met: bool) -> str:
@@ -425,6 +434,7 @@ def table_rows(results: Results) -> list[tuple[str, str, str, str]]:
         (f"agent startup_seconds (own, median of {STARTS})", f"{s['startup_own_seconds_median']:.3f} s", "", ""),
         ("agent RSS after start", f"{s['rss_mib']:.1f} MiB", "", ""),
         (f"agent CPU while its workloads idle ({IDLE_CPU_SECONDS:g} s)", f"{s['idle_cpu_ms_per_second']:.1f} ms/s", "", ""),
+        ("agent CPU while the connect clients run", f"{s['connecting_cpu_ms_per_second']:.1f} ms/s", "", ""),
         (f"connect rate without agent ({blocks})", f"{s['rate_without_agent']:.0f} /s", "", ""),
         ("connect rate with agent", f"{s['rate_with_agent']:.0f} /s", "", ""),
         ("connect rate in the root cgroup", f"{s['rate_in_root_cgroup']:.0f} /s", "", ""),
