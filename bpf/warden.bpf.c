@@ -283,15 +283,6 @@ static __always_inline struct sock_info *write_slot(u64 cookie, u32 tgid, u8 kep
     return slot;
 }
 
-// Cookies on a CPU come in sequence, so the next socket connected here most likely gets the
-// slot after this one: reading it now brings its line in while the kernel finishes this
-// connect, where the next connect would wait for it (its last use was SOCK_SLOTS sockets ago).
-static __always_inline void warm_next_slot(u64 cookie) {
-    struct sock_info *next = slot_of(cookie + 1);
-    if (next)
-        (void)*(volatile u64 *)&next->packets;
-}
-
 static __always_inline int read_slot(u64 cookie, struct sock_info *out, struct sock_info **slot_out) {
     struct sock_info *slot = slot_of(cookie);
     if (!slot || slot->cookie != cookie)
@@ -635,7 +626,6 @@ static __always_inline int check_sock_addr(struct bpf_sock_addr *ctx, u32 kind, 
     u64 cookie = bpf_get_socket_cookie(ctx);
     if (verdict != VERDICT_DENY) {
         write_slot(cookie, bpf_get_current_pid_tgid() >> 32, 0, st->generation, wl, addr, proto, port, 0);
-        warm_next_slot(cookie);
         if (verdict == VERDICT_ALLOW)
             return 1;
     }
