@@ -408,7 +408,7 @@ def run_benchmark(lab: Lab, agent: AgentProcess, connect_workload: str, kill_wor
     cpu_before, started = agent_cpu_seconds(agent), time.monotonic()
     connects = measure_connect_rates(lab, agent, connect_workload, baseline, arguments.sets, arguments.blocks,
                                      arguments.block_size)
-    busy_cpu = (agent_cpu_seconds(agent) - cpu_before) * 1000 / (time.monotonic() - started)
+    connecting_cpu = (agent_cpu_seconds(agent) - cpu_before) * 1000 / (time.monotonic() - started)
     control = None
     if arguments.control:
         progress("control: the same with the \"with\" client outside the workload too")
@@ -416,7 +416,7 @@ def run_benchmark(lab: Lab, agent: AgentProcess, connect_workload: str, kill_wor
                                         arguments.block_size, control=True)
     progress(f"kill: {arguments.kills} violations")
     kill_ms, agent_kill_ms = zip(*(kill_trial_ms(lab, agent, kill_workload) for _ in range(arguments.kills)))
-    return Results(wall, own, rss, idle_cpu, busy_cpu, connects, control, list(kill_ms), list(agent_kill_ms))
+    return Results(wall, own, rss, idle_cpu, connecting_cpu, connects, control, list(kill_ms), list(agent_kill_ms))
 
 
 def verdict(met: bool) -> str:
