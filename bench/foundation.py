@@ -25,7 +25,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator, TextIO
+from typing import Any, Callable, Iterator, TextIO, TypeVar
 
 # first: puts tests/ and the repository root on sys.path
 from common import agent_in_lab, aligned, argument_parser, parse, percentile, progress, report
@@ -35,6 +35,8 @@ from agent import cgroups
 from agentproc import AgentProcess, unique_name
 from agent.kernel.loader import detach_all
 from agent.lab.network import Lab
+
+T = TypeVar("T")
 
 PROVIDER_PORT = 443
 ATTACKER_PORT = 443
@@ -108,17 +110,18 @@ class ConnectComparison:
     blocks_per_set: int
     blocks: dict[str, list[dict[str, float]]]
 
-    def ratio(self, measure: str, side: str = "with", first: int = 0, last: int | None = None) -> float:
-        """Connects per `measure` ("seconds" or "cpu_seconds") of `side` over "without",
-        blocks first..last together."""
-        return (sum(b[measure] for b in self.blocks["without"][first:last]) /
+    def ratio(self, measure: str, side: str = "with", first: int = 0, last: int | None = None,
+              base: str = "without") -> float:
+        """Connects per `measure` ("seconds" or "cpu_seconds") of `side` over `base`, blocks
+        first..last together."""
+        return (sum(b[measure] for b in self.blocks[base][first:last]) /
                 sum(b[measure] for b in self.blocks[side][first:last]))
 
     def rate(self, side: str) -> float:
         return self.block_size * len(self.blocks[side]) / sum(b["seconds"] for b in self.blocks[side])
 
     def ratio_against_root_cgroup(self) -> float:
-        return self.rate("with") / self.rate("root")
+        return self.ratio("seconds", base="root")
 
     def block_ratios(self) -> list[float]:
         return [w["seconds"] / a["seconds"] for w, a in zip(self.blocks["without"], self.blocks["with"])]
@@ -218,11 +221,16 @@ def agent_cpu_seconds(agent: AgentProcess) -> float:
     return times.user + times.system
 
 
+def agent_cpu_during(agent: AgentProcess, work: Callable[[], T]) -> tuple[T, float]:
+    """What work() returns, and the agent's CPU meanwhile in ms per second of wall time."""
+    cpu_before, started = agent_cpu_seconds(agent), time.monotonic()
+    result = work()
+    return result, (agent_cpu_seconds(agent) - cpu_before) * 1000 / (time.monotonic() - started)
+
+
 def idle_cpu_ms_per_second(agent: AgentProcess, seconds: float = IDLE_CPU_SECONDS) -> float:
     """CPU the agent spends guarding workloads that do nothing (its once-a-second accounting)."""
-    before = agent_cpu_seconds(agent)
-    time.sleep(seconds)
-    return (agent_cpu_seconds(agent) - before) * 1000 / seconds
+    return agent_cpu_during(agent, lambda: time.sleep(seconds))[1]
 
 
 def client_and_server_cpus() -> tuple[int | None, int | None]:
@@ -405,10 +413,8 @@ def run_benchmark(lab: Lab, agent: AgentProcess, connect_workload: str, kill_wor
     progress(f"connect rate: {arguments.sets} client sets x {arguments.blocks} blocks of {arguments.block_size} "
              "connects each side, in turns")
     start_accept_server(lab, client_and_server_cpus()[1])
-    cpu_before, started = agent_cpu_seconds(agent), time.monotonic()
-    connects = measure_connect_rates(lab, agent, connect_workload, baseline, arguments.sets, arguments.blocks,
-                                     arguments.block_size)
-    connecting_cpu = (agent_cpu_seconds(agent) - cpu_before) * 1000 / (time.monotonic() - started)
+    connects, connecting_cpu = agent_cpu_during(agent, lambda: measure_connect_rates(
+        lab, agent, connect_workload, baseline, arguments.sets, arguments.blocks, arguments.block_size))
     control = None
     if arguments.control:
         progress("control: the same with the \"with\" client outside the workload too")
