@@ -240,44 +240,33 @@ static __always_inline void fold_slot(struct sock_info *slot) {
     add_traffic(&key, bytes, packets);
 }
 
-// Regions of slots whose counts are all in `traffic` (1) or may not be (0). The agent's fold
-// reads only the latter, so guarding idle routers costs it nothing; and a socket taking over a
-// slot of a folded region does not read what the slot held, which is a cache miss on every
-// connect (the slot was last used 2^18 sockets ago): 0.15 % of the connect rate (36 runs).
-// A count is added before its region is marked unfolded, and a fold marks it folded with an
-// exchange before it reads the region (all of them full barriers), so each count is either
-// seen by that fold or marks the region for the next one (a count in flight on another CPU
-// while its slot changes hands may go to the new socket: README, "Limits of the byte
-// counts"). The map is not pinned and starts at 0: after a restart, the pinned slots count as
-// unfolded until the agent's first fold has passed them.
+// Regions of slots that may hold counts not yet in `traffic`: the agent's fold reads only
+// those, so guarding idle routers costs it nothing. A count is added before its region is
+// marked, and a fold clears the mark with an exchange before it reads the region (all of them
+// full barriers), so each count is either seen by the fold that clears its mark or marks the
+// region again for the next one.
 #define FOLD_REGION_SLOTS 64  // ew_fold folds one region per run, and the verifier walks each of its slots
-BPF_ARRAY(folded, u64, SOCK_SLOTS / FOLD_REGION_SLOTS);
-
-static __always_inline u64 *region_folded(u64 cookie) {
-    u32 region = (cookie & (SOCK_SLOTS - 1)) / FOLD_REGION_SLOTS;
-    return folded.lookup(&region);
-}
+BPF_ARRAY(unfolded, u64, SOCK_SLOTS / FOLD_REGION_SLOTS);
 
 static __always_inline void count_in_slot(struct sock_info *slot, u64 cookie, u32 len) {
     __sync_fetch_and_add(&slot->bytes, len);
     __sync_fetch_and_add(&slot->packets, 1);
-    u64 *done = region_folded(cookie);
-    if (done && *done)
-        *done = 0;
+    u32 region = (cookie & (SOCK_SLOTS - 1)) / FOLD_REGION_SLOTS;
+    u64 *mark = unfolded.lookup(&region);
+    if (mark && !*mark)
+        *mark = 1;
 }
 
 // A slot is rewritten with its cookie cleared and read with the cookie checked before and
 // after (a sequence lock: x86 and arm64 JITs keep the order the compiler barriers fix), so
 // a reader never takes half of one socket's entry and half of another's. What it counted
-// for its previous socket or destination is folded first, unless its region is folded.
+// for its previous socket or destination is folded first.
 static __always_inline struct sock_info *write_slot(u64 cookie, u32 tgid, u8 kept, u64 generation, u32 wl,
                                                     const u8 addr[16], u8 proto, u16 port, u8 listen) {
     struct sock_info *slot = slot_of(cookie);
     if (!slot)
         return 0;
-    u64 *done = region_folded(cookie);
-    if (!done || !*done)
-        fold_slot(slot);
+    fold_slot(slot);
     slot->cookie = 0;
     compiler_barrier();
     slot->generation = generation;
@@ -850,8 +839,8 @@ int ew_egress(struct __sk_buff *skb) {
 }
 
 // Run by the agent through BPF_PROG_TEST_RUN (it is never attached) before it reads
-// `traffic`: each run folds the next region unless it is marked folded, so one run per region
-// (one syscall) folds every count.
+// `traffic`: each run folds the next region if it is marked, so one run per region (one
+// syscall) folds every count.
 BPF_ARRAY(fold_cursor, u32, 1);
 int ew_fold(struct __sk_buff *skb) {
     u32 zero = 0;
@@ -860,8 +849,8 @@ int ew_fold(struct __sk_buff *skb) {
         return 0;
     u32 region = *cursor % (SOCK_SLOTS / FOLD_REGION_SLOTS);
     *cursor = region + 1;
-    u64 *done = folded.lookup(&region);
-    if (!done || *done || __sync_lock_test_and_set(done, 1))
+    u64 *mark = unfolded.lookup(&region);
+    if (!mark || !*mark || !__sync_lock_test_and_set(mark, 0))
         return 0;
     for (u32 i = 0; i < FOLD_REGION_SLOTS; i++) {
         u32 index = region * FOLD_REGION_SLOTS + i;
