@@ -242,6 +242,19 @@ def test_sigkilled_agent_leaves_enforcement_on(lab, start_agent, names):
     assert attacker.connections() == 0
 
 
+def test_a_restarted_agent_drops_the_event_line_a_kill_cut_off(start_agent, names):
+    wl = names[0]
+    agent = start_agent(allow_provider(wl), [wl])
+    agent.kill9()
+    torn = b'{"agent":"test-agent","kind":"egress_de'
+    with open(agent.events_file, "ab") as file:
+        file.write(torn)
+    agent.start()
+    events = [json.loads(line) for line in agent.events_file.read_text().splitlines()]  # each line stands alone
+    assert [e["kind"] for e in events].count("agent_started") == 2
+    assert f"{len(torn)} bytes of an event line cut off" in agent.log.read_text()
+
+
 @pytest.mark.parametrize("stop", ["sigkill", "sigterm"])
 def test_restart_takes_over_without_a_window_or_duplicates(lab, start_agent, names, stop):
     wl = names[0]

@@ -10,6 +10,7 @@ import sqlite3
 import sys
 import time
 from pathlib import Path
+from typing import TextIO
 
 import click
 
@@ -17,6 +18,7 @@ from agent.actions.hooks import DEFAULT_TIMEOUT_SECONDS
 from agent.cli.sdnotify import notify
 from agent.cli.values import DURATION, PEM_FILE, SIZE
 from agent.events import EventBus, JsonLinesSink
+from agent.events.lines import drop_torn_line
 from agent.events.spool import SPOOL_FILE, Spool, SpoolAhead
 from agent.kernel.loader import DEFAULT_PIN_DIR
 from agent.policy import PolicyError
@@ -89,7 +91,7 @@ def agent_command(policy_path: Path, events_file: Path | None, state_dir: Path, 
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s")
     started_at = time.time()
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    stream = open(events_file, "a", encoding="utf-8") if events_file else sys.stdout
+    stream = _open_events_file(events_file) if events_file else sys.stdout
     bus = EventBus(agent_id, state_dir)
     try:
         spool = Spool(state_dir, first_seq=bus.first_seq, max_bytes=spool_max_bytes, max_age_seconds=spool_max_age)
@@ -150,6 +152,16 @@ def _tls_files(listen: str | None, cert: Path | None, key: Path | None, client_c
     if missing:
         raise click.UsageError(f"--listen serves mutual TLS only: give {', '.join(missing)} too")
     return TlsFiles(cert, key, client_ca)
+
+
+def _open_events_file(path: Path) -> TextIO:
+    """For appending, after the part of a line an agent killed in the middle of a write left."""
+    dropped = drop_torn_line(path)
+    if dropped:
+        logging.warning("%s ended in %d bytes of an event line cut off when the agent was last stopped; dropped "
+                        "them (the spool has that event, or the events_lost event after a kill names its seq)",
+                        path, dropped)
+    return open(path, "a", encoding="utf-8")
 
 
 def _check_group(name: str) -> None:

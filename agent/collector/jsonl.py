@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import BinaryIO, Iterable
 
 from agent.collector.rows import EventRow
+from agent.events.lines import drop_torn_line
 
 log = logging.getLogger("egress_warden.collector")
-_TAIL_CHUNK = 65536
 
 
 class JsonLinesOutput:
@@ -30,7 +30,7 @@ class JsonLinesOutput:
 
     def _open(self) -> BinaryIO:
         self._path.parent.mkdir(parents=True, exist_ok=True)
-        dropped = _drop_torn_line(self._path)
+        dropped = drop_torn_line(self._path)
         if dropped:
             log.warning("collector: %s ended in %d bytes of a line cut off when the collector was last stopped; "
                         "dropped them (that batch was not stored, so it is written again)", self._path, dropped)
@@ -62,26 +62,3 @@ class JsonLinesOutput:
         with self._lock:
             if self._path is not None:
                 self._stream.close()
-
-
-def _drop_torn_line(path: Path) -> int:
-    """Truncates the file after its last newline and returns how many bytes went. A collector
-    killed in the middle of a write (the kernel stops a write at a fatal signal) leaves part
-    of a line at the end, and a shipper would read it glued to the next line."""
-    try:
-        file = open(path, "r+b")
-    except FileNotFoundError:
-        return 0
-    with file:
-        size = end = file.seek(0, os.SEEK_END)
-        while end > 0:
-            start = max(end - _TAIL_CHUNK, 0)
-            file.seek(start)
-            newline = file.read(end - start).rfind(b"\n")
-            if newline >= 0:
-                end = start + newline + 1
-                break
-            end = start
-        if end < size:
-            file.truncate(end)
-        return size - end
