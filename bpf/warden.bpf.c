@@ -215,8 +215,12 @@ static __always_inline void add_traffic(struct traffic_key *key, u64 bytes, u64 
     __sync_fetch_and_add(&v->packets, packets);
 }
 
+static __always_inline u32 slot_index(u64 cookie) {
+    return cookie & (SOCK_SLOTS - 1);
+}
+
 static __always_inline struct sock_info *slot_of(u64 cookie) {
-    u32 index = cookie & (SOCK_SLOTS - 1);
+    u32 index = slot_index(cookie);
     return sock_slots.lookup(&index);
 }
 
@@ -240,21 +244,41 @@ static __always_inline void fold_slot(struct sock_info *slot) {
     add_traffic(&key, bytes, packets);
 }
 
-// Regions of slots that may hold counts not yet in `traffic`: the agent's fold reads only
-// those, so guarding idle routers costs it nothing. A count is added before its region is
-// marked, and a fold clears the mark with an exchange before it reads the region (all of them
-// full barriers), so each count is either seen by the fold that clears its mark or marks the
-// region again for the next one.
-#define FOLD_REGION_SLOTS 64  // ew_fold folds one region per run, and the verifier walks each of its slots
-BPF_ARRAY(unfolded, u64, SOCK_SLOTS / FOLD_REGION_SLOTS);
+// One bit per slot, set while all the slot counted is in `traffic`: a slot rewrite (the connect
+// hook) and the agent's fold read only slots with something to fold, because the slot's line is
+// a cache miss by then and the bit's line, which the neighbouring sockets just used, is not. A count is added before its bit is cleared, and a
+// fold sets a region's bits with an exchange before it reads the region's slots (all of them
+// full barriers), so each count is either seen by the fold that sets its bit or clears it
+// again for the next one. All clear in a new agent's map: its first fold takes whatever the
+// agent before it left in the pinned slots.
+#define FOLD_REGION_SLOTS 64  // the slots of one word of `folded`; ew_fold folds one region per run
+#define ALL_FOLDED (~0ULL)
+BPF_ARRAY(folded, u64, SOCK_SLOTS / FOLD_REGION_SLOTS);
+
+static __always_inline u64 *folded_word(u32 index) {
+    u32 region = index / FOLD_REGION_SLOTS;
+    return folded.lookup(&region);
+}
+
+static __always_inline u64 folded_bit(u32 index) {
+    return 1ULL << (index % FOLD_REGION_SLOTS);
+}
+
+static __always_inline int slot_folded(u32 index) {
+    u64 *word = folded_word(index);
+    return word && (*word & folded_bit(index));
+}
+
+static __always_inline void mark_unfolded(u32 index) {
+    u64 *word = folded_word(index);
+    if (word && (*word & folded_bit(index)))
+        __sync_fetch_and_and(word, ~folded_bit(index));
+}
 
 static __always_inline void count_in_slot(struct sock_info *slot, u64 cookie, u32 len) {
     __sync_fetch_and_add(&slot->bytes, len);
     __sync_fetch_and_add(&slot->packets, 1);
-    u32 region = (cookie & (SOCK_SLOTS - 1)) / FOLD_REGION_SLOTS;
-    u64 *mark = unfolded.lookup(&region);
-    if (mark && !*mark)
-        *mark = 1;
+    mark_unfolded(slot_index(cookie));
 }
 
 // A slot is rewritten with its cookie cleared and read with the cookie checked before and
@@ -266,7 +290,8 @@ static __always_inline struct sock_info *write_slot(u64 cookie, u32 tgid, u8 kep
     struct sock_info *slot = slot_of(cookie);
     if (!slot)
         return 0;
-    fold_slot(slot);
+    if (!slot_folded(slot_index(cookie)))
+        fold_slot(slot);
     slot->cookie = 0;
     compiler_barrier();
     slot->generation = generation;
@@ -839,8 +864,8 @@ int ew_egress(struct __sk_buff *skb) {
 }
 
 // Run by the agent through BPF_PROG_TEST_RUN (it is never attached) before it reads
-// `traffic`: each run folds the next region if it is marked, so one run per region (one
-// syscall) folds every count.
+// `traffic`: each run folds the next region's slots that are not folded, so one run per region
+// (one syscall) folds every count.
 BPF_ARRAY(fold_cursor, u32, 1);
 int ew_fold(struct __sk_buff *skb) {
     u32 zero = 0;
@@ -849,15 +874,17 @@ int ew_fold(struct __sk_buff *skb) {
         return 0;
     u32 region = *cursor % (SOCK_SLOTS / FOLD_REGION_SLOTS);
     *cursor = region + 1;
-    u64 *mark = unfolded.lookup(&region);
-    if (!mark || !*mark || !__sync_lock_test_and_set(mark, 0))
+    u64 *word = folded.lookup(&region);
+    if (!word || *word == ALL_FOLDED)
         return 0;
+    u64 was = __sync_lock_test_and_set(word, ALL_FOLDED);
     for (u32 i = 0; i < FOLD_REGION_SLOTS; i++) {
         u32 index = region * FOLD_REGION_SLOTS + i;
         struct sock_info *slot = sock_slots.lookup(&index);
         if (!slot)
             break;
-        fold_slot(slot);
+        if (!(was & folded_bit(index)))
+            fold_slot(slot);
     }
     return 0;
 }

@@ -220,6 +220,25 @@ def test_counters_survive_an_agent_restart(lab, start_agent):
     assert settled_count(agent, again, Lab.PROVIDER4, TCP_PORT, socket.IPPROTO_TCP, 10_000).bytes >= 10_000
 
 
+def test_counts_an_agent_died_before_folding_reach_the_next_agent(lab, start_agent):
+    """Bytes still in the socket slots when an agent dies (stopped here, so it never folds them)
+    are in the next agent's own totals (its metrics), not only in the pins."""
+    name = unique_name("tb")
+    port = free_loopback_port()
+    agent = start_agent(traffic_policy(name), [name], agent_args=["--metrics-listen", f"127.0.0.1:{port}"])
+    lab.serve(Lab.PROVIDER4, TCP_PORT)
+    agent.process.send_signal(signal.SIGSTOP)
+    pid = send(lab, agent, name, "tcp", Lab.PROVIDER4, TCP_PORT, 40_000)
+    pinned = settled_count(agent, pid, Lab.PROVIDER4, TCP_PORT, socket.IPPROTO_TCP, 40_000)
+    agent.kill9()
+    agent.start()
+    sent = f'egress_warden_sent_bytes_total{{destination="{Lab.PROVIDER4}",workload="{name}"}}'
+    deadline = time.monotonic() + 10  # the agent reads the counters once a second
+    while (samples := scrape(port)).get(sent, 0) < pinned.bytes and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert samples.get(sent) == pinned.bytes
+
+
 # One UDP socket sends to a first destination, then connects to a second and sends there:
 # its one slot changes destination in between.
 RECONNECTING_SENDER = """
