@@ -1,7 +1,7 @@
 """What the hooks themselves cost a connect: the agent's programs against empty programs at the
 same hooks, and against an nftables rule set doing the same job for one cgroup.
 
-    python bench/hooks.py [--cycles N] [--block-size N] [--repeats N] [-o table|json]
+    python bench/hooks.py [--cycles N] [--block-size N] [--repeats N] [--program-times] [-o table|json]
 
 One client process in ROUTER, pinned to one CPU (the server to the other), moves itself
 between cgroups and makes a block of connects (connect + reset close) in each, in turn:
@@ -15,6 +15,12 @@ between cgroups and makes a block of connects (connect + reset close) in each, i
 One process throughout, so the ratios carry no difference between processes (two identical
 clients differ by up to 2 % here, bench/foundation.py). Each ratio is connects per second in
 that cgroup over plain, all blocks of a repeat together; a repeat is a fresh client.
+
+--program-times also turns kernel.bpf_stats_enabled on for the run and reports the
+nanoseconds of each program run, empty and warden: their difference, times the runs a connect
+makes, is what the program bodies add to a connect. The statistics add two clock reads to
+every run (and wait for its memory loads to finish), so that run's ratios are lower and
+its times higher than without; the differences between programs are what they show.
 """
 from __future__ import annotations
 
@@ -76,7 +82,7 @@ int empty_egress(struct __sk_buff *skb) { return 1; }
 
 
 @contextmanager
-def empty_programs(cgroup: Path) -> Iterator[None]:
+def empty_programs(cgroup: Path) -> Iterator[dict[str, int]]:
     from bcc import BPF, BPFAttachType as A, BPFProgType as P
 
     bpf = BPF(text=EMPTY_PROGRAMS)
@@ -90,7 +96,7 @@ def empty_programs(cgroup: Path) -> Iterator[None]:
             function = bpf.load_func(name.encode(), prog_type, attach_type=attach_type)
             bpfsys.attach(function.fd, fd, attach_type)
             attached.append((function.fd, attach_type))
-        yield
+        yield {name: prog_fd for (name, _, _), (prog_fd, _) in zip(hooks, attached)}
     finally:
         for prog_fd, attach_type in attached:
             bpfsys.detach(prog_fd, fd, attach_type)
@@ -99,14 +105,14 @@ def empty_programs(cgroup: Path) -> Iterator[None]:
 
 
 @contextmanager
-def warden_programs(cgroup: Path) -> Iterator[None]:
+def warden_programs(cgroup: Path) -> Iterator[dict[str, int]]:
     pin_dir = Path("/sys/fs/bpf") / f"ew-bench-{secrets.token_hex(4)}"
     programs = KernelPrograms(pin_dir=pin_dir)
     try:
         programs.set_workload(0, mode="enforce", quarantined=False)
         programs.replace_allowlist(0, [AllowEntry(ipaddress.ip_network(f"{Lab.PROVIDER4}/32"), "tcp", PROVIDER_PORT)])
         programs.guard(cgroup, cgroups.cgroup_id(cgroup), 0)
-        yield
+        yield programs.hook_programs
     finally:
         detach_all(cgroup)
         programs.close()
@@ -125,6 +131,9 @@ def nftables_rules(lab: Lab, cgroup: Path) -> None:
         raise RuntimeError(f"nft refused the rule set: {done.stderr.strip()}")
 
 
+WARM_UP_CYCLES = 2  # before each repeat's measured cycles: first connects, caches
+
+
 def measure(lab: Lab, places: dict[str, Path], cycles: int, block: int, repeats: int) -> dict[str, list[float]]:
     """name -> its ratio against "plain" in each repeat."""
     client_cpu, _ = client_and_server_cpus()
@@ -135,7 +144,7 @@ def measure(lab: Lab, places: dict[str, Path], cycles: int, block: int, repeats:
         client = lab.run_in_router(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         try:
             request = {"cgroups": [str(places[n]) for n in names], "block": block}
-            client.stdin.write(json.dumps({**request, "cycles": 2}) + "\n")  # warm-up
+            client.stdin.write(json.dumps({**request, "cycles": WARM_UP_CYCLES}) + "\n")
             client.stdin.flush()
             client.stdout.readline()
             client.stdin.write(json.dumps({**request, "cycles": cycles}) + "\n")
@@ -148,6 +157,48 @@ def measure(lab: Lab, places: dict[str, Path], cycles: int, block: int, repeats:
             ratios[name].append(sum(seconds["plain"]) / sum(seconds[name]))
         progress(f"  repeat {repeat + 1}/{repeats}: " + ", ".join(f"{n} {ratios[n][-1]:.3f}" for n in names[1:]))
     return ratios
+
+
+@contextmanager
+def kernel_bpf_stats() -> Iterator[None]:
+    """kernel.bpf_stats_enabled on, then as it was."""
+    setting = Path("/proc/sys/kernel/bpf_stats_enabled")
+    before = setting.read_text().strip()
+    setting.write_text("1")
+    try:
+        yield
+    finally:
+        setting.write_text(before)
+
+
+def run_totals(programs: dict[str, dict[str, int]]) -> dict[str, dict[str, tuple[int, int]]]:
+    return {place: {name: bpfsys.program_run_totals(fd) for name, fd in fds.items()}
+            for place, fds in programs.items()}
+
+
+def program_times(before: dict[str, dict[str, tuple[int, int]]], after: dict[str, dict[str, tuple[int, int]]],
+                  connects: int) -> dict[str, dict[str, dict[str, float]]]:
+    """place -> program -> its ns per run and runs per connect, for the programs that ran."""
+    times: dict[str, dict[str, dict[str, float]]] = {}
+    for place, programs in after.items():
+        for name, (ns, runs) in programs.items():
+            ran = runs - before[place][name][1]
+            if ran:
+                times.setdefault(place, {})[name] = {"ns_per_run": (ns - before[place][name][0]) / ran,
+                                                     "runs_per_connect": ran / connects}
+    return times
+
+
+def ns_per_connect(programs: dict[str, dict[str, float]]) -> float:
+    return sum(p["ns_per_run"] * p["runs_per_connect"] for p in programs.values())
+
+
+def times_table(times: dict[str, dict[str, dict[str, float]]]) -> str:
+    rows = [f"{'program (bpf_stats on)':30s}  {'ns/run':>7s}  {'runs/connect':>12s}"]
+    for place, programs in times.items():
+        rows += [f"{name:30s}  {p['ns_per_run']:7.1f}  {p['runs_per_connect']:12.2f}" for name, p in programs.items()]
+        rows.append(f"{place + ' programs per connect':30s}  {ns_per_connect(programs):7.1f}")
+    return "\n".join(rows)
 
 
 def table(ratios: dict[str, list[float]]) -> str:
@@ -163,20 +214,32 @@ def main() -> None:
     parser.add_argument("--cycles", type=positive, default=150, help="blocks in each cgroup per repeat (default 150)")
     parser.add_argument("--block-size", type=positive, default=200, help="connects per block (default 200)")
     parser.add_argument("--repeats", type=positive, default=5, help="fresh clients, one after the other (default 5)")
+    parser.add_argument("--program-times", action="store_true",
+                        help="also the ns of each program run (kernel.bpf_stats_enabled on for the run)")
     arguments = parse(parser)
     with Lab() as lab, ExitStack() as stack:
         start_accept_server(lab, client_and_server_cpus()[1])
         parent = stack.enter_context(cgroup_dir(cgroups.cgroup2_root(), f"ew-bench-hooks-{secrets.token_hex(3)}"))
         places = {name: stack.enter_context(cgroup_dir(parent, name)) for name in ("plain", "empty", "warden")}
-        stack.enter_context(empty_programs(places["empty"]))
-        stack.enter_context(warden_programs(places["warden"]))
+        programs = {"empty": stack.enter_context(empty_programs(places["empty"])),
+                    "warden": stack.enter_context(warden_programs(places["warden"]))}
         if shutil.which("nft"):
             places["nftables"] = stack.enter_context(cgroup_dir(parent, "nftables"))
             nftables_rules(lab, places["nftables"])
         else:
             progress("nft is not installed: no nftables comparison (Debian package nftables)")
-        ratios = measure(lab, places, arguments.cycles, arguments.block_size, arguments.repeats)
-    report(arguments.output, ratios, table(ratios))
+        if not arguments.program_times:
+            ratios = measure(lab, places, arguments.cycles, arguments.block_size, arguments.repeats)
+            report(arguments.output, ratios, table(ratios))
+            return
+        with kernel_bpf_stats():
+            before = run_totals(programs)
+            ratios = measure(lab, places, arguments.cycles, arguments.block_size, arguments.repeats)
+            after = run_totals(programs)
+    connects = (arguments.cycles + WARM_UP_CYCLES) * arguments.block_size * arguments.repeats  # in each cgroup
+    times = program_times(before, after, connects)
+    report(arguments.output, {"ratios": ratios, "program_times": times},
+           table(ratios) + "\n\n" + times_table(times))
 
 
 if __name__ == "__main__":

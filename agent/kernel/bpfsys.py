@@ -30,6 +30,7 @@ _PROG_INFO_SIZE = 232
 _PROG_INFO_NAME = slice(64, 80)
 _PROG_INFO_NR_MAP_IDS = 52
 _PROG_INFO_MAP_IDS = 56
+_PROG_INFO_RUN_TIME_NS = 192  # then run_cnt: counted while kernel.bpf_stats_enabled is 1
 _MAP_INFO_SIZE = 96
 _MAP_INFO_NAME = slice(24, 40)
 
@@ -110,6 +111,13 @@ def program_id(prog_fd: int) -> int:
     info = ctypes.create_string_buffer(_PROG_INFO_SIZE)
     _bpf(_BPF_OBJ_GET_INFO_BY_FD, _attr("IIQ", prog_fd, _PROG_INFO_SIZE, ctypes.addressof(info)))
     return struct.unpack_from("I", info, 4)[0]
+
+
+def program_run_totals(prog_fd: int) -> tuple[int, int]:
+    """Nanoseconds the program ran and how many runs, counted while kernel.bpf_stats_enabled is 1."""
+    info = ctypes.create_string_buffer(_PROG_INFO_SIZE)
+    _bpf(_BPF_OBJ_GET_INFO_BY_FD, _attr("IIQ", prog_fd, _PROG_INFO_SIZE, ctypes.addressof(info)))
+    return struct.unpack_from("QQ", info, _PROG_INFO_RUN_TIME_NS)
 
 
 def program_map_names(prog_fd: int, capacity: int = 64) -> dict[str, int]:

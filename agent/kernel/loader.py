@@ -342,6 +342,11 @@ class KernelPrograms:
         self._bpf.cleanup()
 
     @property
+    def hook_programs(self) -> dict[str, int]:
+        """The program attached at each hook, by function name -> its fd."""
+        return {name: function.fd for name, function in self._functions.items()}
+
+    @property
     def features(self) -> list[str]:
         """The hooks loaded, by program name: what this kernel let the agent use."""
         return [h.function for h in self._hooks] + ["ringbuf", "lpm_trie"]
