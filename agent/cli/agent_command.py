@@ -119,17 +119,18 @@ def agent_command(policy_path: Path, events_file: Path | None, state_dir: Path, 
         click.echo(f"warden agent: policy refused, nothing enforced:\n{e}", err=True)
         sys.exit(1)
     api = ApiServers(agent, bus, spool, started_at=started_at)
+    if metrics_address:
+        serve_metrics(metrics, *metrics_address)
     try:
         if listen:
             api.serve_tcp(listen, tls)
         api.serve_unix(socket_path, socket_group)  # last: once the socket exists, every server is up
     except (OSError, RuntimeError) as e:  # grpc says RuntimeError when it cannot bind
         api.stop()
+        metrics.close()
         spool.close()
         click.echo(f"warden agent: cannot serve the API: {e} (enforcement stays attached)", err=True)
         sys.exit(1)
-    if metrics_address:
-        serve_metrics(metrics, *metrics_address)
     notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS=enforcing {len(agent.workloads)} workload(s)")
     try:
         agent.run()
