@@ -32,7 +32,7 @@ import shutil
 import statistics
 import subprocess
 import sys
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
 from typing import Iterator
 
@@ -228,14 +228,13 @@ def main() -> None:
             nftables_rules(lab, places["nftables"])
         else:
             progress("nft is not installed: no nftables comparison (Debian package nftables)")
-        if not arguments.program_times:
-            ratios = measure(lab, places, arguments.cycles, arguments.block_size, arguments.repeats)
-            report(arguments.output, ratios, table(ratios))
-            return
-        with kernel_bpf_stats():
+        with kernel_bpf_stats() if arguments.program_times else nullcontext():
             before = run_totals(programs)
             ratios = measure(lab, places, arguments.cycles, arguments.block_size, arguments.repeats)
             after = run_totals(programs)
+    if not arguments.program_times:
+        report(arguments.output, ratios, table(ratios))
+        return
     connects = (arguments.cycles + WARM_UP_CYCLES) * arguments.block_size * arguments.repeats  # in each cgroup
     times = program_times(before, after, connects)
     report(arguments.output, {"ratios": ratios, "program_times": times},
