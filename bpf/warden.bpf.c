@@ -244,13 +244,14 @@ static __always_inline void fold_slot(struct sock_info *slot) {
     add_traffic(&key, bytes, packets);
 }
 
-// One bit per slot, set while all the slot counted is in `traffic`: a slot rewrite (the connect
-// hook) and the agent's fold read only slots with something to fold, because the slot's line is
-// a cache miss by then and the bit's line, which the neighbouring sockets just used, is not. A count is added before its bit is cleared, and a
-// fold sets a region's bits with an exchange before it reads the region's slots (all of them
-// full barriers), so each count is either seen by the fold that sets its bit or clears it
-// again for the next one. All clear in a new agent's map: its first fold takes whatever the
-// agent before it left in the pinned slots.
+// One bit per slot, set while all the slot counted is in `traffic`. All clear in a new agent's
+// map, so its first fold takes whatever the agent before it left in the pinned slots; after
+// that, a slot rewrite (the connect hook) and the agent's fold read only slots with something
+// to fold (the slot's line is a cache miss by then; the bit's line, which the neighbouring
+// sockets just used, is not). A count is added before its bit is cleared, and a fold sets a
+// region's bits with an exchange before it reads the region's slots (all of them full
+// barriers), so each count is either seen by the fold that sets its bit or clears it again for
+// the next one.
 #define FOLD_REGION_SLOTS 64  // the slots of one word of `folded`; ew_fold folds one region per run
 #define ALL_FOLDED (~0ULL)
 BPF_ARRAY(folded, u64, SOCK_SLOTS / FOLD_REGION_SLOTS);
