@@ -27,6 +27,7 @@ _BPF_PROG_QUERY = 16
 BPF_F_ALLOW_MULTI = 2
 _ATTR_SIZE = 128  # larger than every bpf_attr member used here; the kernel wants the tail zeroed
 _PROG_INFO_SIZE = 232
+_PROG_INFO_ID = 4
 _PROG_INFO_NAME = slice(64, 80)
 _PROG_INFO_NR_MAP_IDS = 52
 _PROG_INFO_MAP_IDS = 56
@@ -79,10 +80,15 @@ def program_fd(prog_id: int) -> int:
     return _bpf(_BPF_PROG_GET_FD_BY_ID, _attr("I", prog_id))
 
 
-def program_name(prog_fd: int) -> str:
+def _program_info(prog_fd: int) -> bytes:
+    """The program's struct bpf_prog_info, without the arrays it can point to."""
     info = ctypes.create_string_buffer(_PROG_INFO_SIZE)
     _bpf(_BPF_OBJ_GET_INFO_BY_FD, _attr("IIQ", prog_fd, _PROG_INFO_SIZE, ctypes.addressof(info)))
-    return info.raw[_PROG_INFO_NAME].split(b"\0", 1)[0].decode()
+    return info.raw
+
+
+def program_name(prog_fd: int) -> str:
+    return _program_info(prog_fd)[_PROG_INFO_NAME].split(b"\0", 1)[0].decode()
 
 
 def attached_programs(cgroup_fd: int, attach_type: int) -> list[AttachedProgram]:
@@ -108,16 +114,12 @@ def detach_by_id(prog_id: int, cgroup_fd: int, attach_type: int) -> None:
 
 
 def program_id(prog_fd: int) -> int:
-    info = ctypes.create_string_buffer(_PROG_INFO_SIZE)
-    _bpf(_BPF_OBJ_GET_INFO_BY_FD, _attr("IIQ", prog_fd, _PROG_INFO_SIZE, ctypes.addressof(info)))
-    return struct.unpack_from("I", info, 4)[0]
+    return struct.unpack_from("I", _program_info(prog_fd), _PROG_INFO_ID)[0]
 
 
 def program_run_totals(prog_fd: int) -> tuple[int, int]:
     """Nanoseconds the program ran and how many runs, counted while kernel.bpf_stats_enabled is 1."""
-    info = ctypes.create_string_buffer(_PROG_INFO_SIZE)
-    _bpf(_BPF_OBJ_GET_INFO_BY_FD, _attr("IIQ", prog_fd, _PROG_INFO_SIZE, ctypes.addressof(info)))
-    return struct.unpack_from("QQ", info, _PROG_INFO_RUN_TIME_NS)
+    return struct.unpack_from("QQ", _program_info(prog_fd), _PROG_INFO_RUN_TIME_NS)
 
 
 def program_map_names(prog_fd: int, capacity: int = 64) -> dict[str, int]:
