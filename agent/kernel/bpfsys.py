@@ -5,6 +5,7 @@ reading pinned maps without loading any program."""
 from __future__ import annotations
 
 import ctypes
+import errno
 import mmap
 import os
 import platform
@@ -40,11 +41,16 @@ _libc.syscall.restype = ctypes.c_long
 
 
 def _bpf(cmd: int, attr: ctypes.Array) -> int:
-    ret = _libc.syscall(_BPF_SYSCALL, cmd, ctypes.byref(attr), ctypes.sizeof(attr))
-    if ret < 0:
+    """bpf(2), made again when a signal interrupts it, as Python makes its own system calls
+    (PEP 475): the kernel stops a repeated BPF_PROG_TEST_RUN at any pending signal (the agent's
+    SIGHUP or SIGTERM, a profiler attaching), and the agent folds its counts that way."""
+    while True:
+        ret = _libc.syscall(_BPF_SYSCALL, cmd, ctypes.byref(attr), ctypes.sizeof(attr))
+        if ret >= 0:
+            return ret
         err = ctypes.get_errno()
-        raise OSError(err, f"bpf(cmd {cmd}): {os.strerror(err)}")
-    return ret
+        if err != errno.EINTR:
+            raise OSError(err, f"bpf(cmd {cmd}): {os.strerror(err)}")
 
 
 def _attr(fmt: str, *values: int) -> ctypes.Array:
