@@ -1,4 +1,5 @@
-"""The raw bpf(2) calls of agent/kernel/bpfsys.py that no agent test reaches (the benchmarks use them)."""
+"""The raw bpf(2) calls of agent/kernel/bpfsys.py, where no agent test reaches them: the ones
+only the benchmarks use, and a call a signal interrupts."""
 from __future__ import annotations
 
 import signal
