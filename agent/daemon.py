@@ -544,7 +544,8 @@ class Agent:
 
     def _account_traffic(self) -> None:
         by_index = {w.index: w.spec for w in self.workloads.values()}
-        crossings, anomalies = self.traffic.tick(self.kernel.traffic_counters(), by_index, time.monotonic())
+        changes = self.kernel.traffic_changes()
+        crossings, anomalies = self.traffic.tick(changes.changed, by_index, time.monotonic(), changes.gone)
         for crossing in crossings:
             self._on_budget_crossed(crossing)
         for anomaly in anomalies:

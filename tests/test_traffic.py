@@ -13,9 +13,11 @@ retransmissions to count twice.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import stat
+import struct
 import subprocess
 import sys
 import time
@@ -25,7 +27,8 @@ from pathlib import Path
 import pytest
 
 from agent.kernel import bpfsys
-from agent.kernel.loader import PINNED_MAPS, SOCK_SLOTS, TrafficCounter, read_pinned_traffic
+from agent.kernel.loader import (PINNED_MAPS, SOCK_SLOTS, KernelPrograms, TrafficCounter, read_pinned_traffic,
+                                 remove_pins)
 from agentproc import AgentProcess, unique_name, workload_policy
 from agent.lab.network import Lab
 
@@ -277,6 +280,49 @@ def test_a_socket_that_changes_destination_is_counted_for_each(lab, start_agent)
         assert second and (second.packets, second.bytes) == (2, 2 * (500 + IPV4_HEADER + UDP_HEADER))
     finally:
         agent.process.send_signal(signal.SIGCONT)
+
+
+def test_traffic_changes_add_up_to_what_the_kernel_holds():
+    """The agent reads `traffic` once a second and decodes only what changed since the read
+    before; applying each read's changes and evictions must give the map's content, also
+    across the batches a read takes (4096 counters each) and past the LRU's capacity."""
+    pin_dir = Path("/sys/fs/bpf") / f"ew-test-{unique_name('changes')}"
+    kernel = KernelPrograms(pin_dir=pin_dir)
+    traffic = bpfsys.open_pinned(str(pin_dir / "traffic"))
+    state: dict[tuple, TrafficCounter] = {}
+
+    def write(tgids: range, sent: int) -> None:
+        for tgid in tgids:  # struct traffic_key, struct traffic_value
+            key = struct.pack("=II16sHBBI", 0, tgid, bytes(12) + bytes([198, 18, 1, 10]), 443, socket.IPPROTO_TCP, 0, 0)
+            bpfsys.map_update(traffic, key, struct.pack("=QQ", sent, 1))
+
+    def read() -> tuple[list[TrafficCounter], list[TrafficCounter]]:
+        changes = kernel.traffic_changes()
+        for c in changes.gone:
+            del state[identity(c)]
+        state.update((identity(c), c) for c in changes.changed)
+        assert set(state.values()) == set(read_pinned_traffic(pin_dir))
+        return changes.changed, changes.gone
+
+    def identity(c: TrafficCounter) -> tuple:
+        return (c.workload, c.tgid, c.address, c.port, c.protocol, c.listen)
+
+    try:
+        write(range(1, 10_001), 100)
+        changed, gone = read()
+        assert len(changed) == 10_000 and not gone
+        assert read() == ([], [])
+        write(range(500, 503), 7_000)
+        changed, gone = read()
+        assert sorted((c.tgid, c.bytes) for c in changed) == [(500, 7_000), (501, 7_000), (502, 7_000)]
+        assert not gone
+        write(range(10_001, 80_001), 100)  # more than the map holds: the oldest are evicted
+        changed, gone = read()
+        assert gone and len(state) <= PINNED_MAPS["traffic"].max_entries
+    finally:
+        os.close(traffic)
+        kernel.close()
+        remove_pins(pin_dir)
 
 
 def test_socket_slots_pinned_by_the_previous_version_are_replaced(tmp_path):

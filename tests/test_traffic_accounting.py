@@ -51,6 +51,27 @@ def test_rates_are_growth_between_ticks_and_processes_are_apart():
     assert by_destination[OTHER].bytes == 500
 
 
+def test_a_tick_takes_what_changed_keeps_the_rest_and_forgets_what_the_kernel_evicted():
+    watch = TrafficWatch()
+    workloads = {0: spec()}
+    watch.tick([counter(10, PROVIDER, 1000), counter(11, PROVIDER, 500)], workloads, now=100.0)
+    watch.tick([counter(10, PROVIDER, 3000)], workloads, now=101.0)  # 11 did not change
+    (both,) = watch.destinations("app")
+    assert (both.bytes, both.rate) == (3500, 2000.0)
+    watch.tick([], workloads, now=102.0)  # nothing grew: every rate is 0 again
+    (both,) = watch.destinations("app")
+    assert (both.bytes, both.rate) == (3500, 0.0)
+    assert [d.rate for p in watch.processes() for d in p.destinations] == [0.0, 0.0]
+    watch.tick([], workloads, now=103.0, gone=[counter(10, PROVIDER, 3000)])
+    (left,) = watch.destinations("app")
+    assert left.bytes == 500 and [p.pid for p in watch.processes()] == [11]
+    watch.tick([counter(11, PROVIDER, 200)], workloads, now=104.0)  # evicted and counted afresh between reads
+    (again,) = watch.destinations("app")
+    assert (again.bytes, again.rate) == (200, 0.0)
+    watch.tick([], workloads, now=105.0, gone=[counter(11, PROVIDER, 200)])
+    assert watch.destinations("app") == [] and watch.processes() == []
+
+
 def test_counters_of_workloads_not_in_the_policy_are_left_out():
     watch = TrafficWatch()
     watch.tick([counter(10, PROVIDER, 1000, workload=7)], {0: spec()}, now=1.0)

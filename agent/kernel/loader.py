@@ -3,6 +3,7 @@ in step with the policy. The one place that speaks to the BPF programs."""
 from __future__ import annotations
 
 import ctypes
+import functools
 import ipaddress
 import logging
 import os
@@ -126,6 +127,8 @@ class KernelPrograms:
         # Sockets cache verdicts by generation in a pinned map, so generations must never
         # repeat across agent restarts: start from the clock, which only moves forward.
         self._generation = time.monotonic_ns()
+        # traffic_changes' last read: raw key -> (raw value, the counter decoded from them)
+        self._decoded_traffic: dict[bytes, tuple[bytes, TrafficCounter]] = {}
         self.load_seconds = time.monotonic() - started
 
     # --- attachment ---------------------------------------------------------------
@@ -322,11 +325,24 @@ class KernelPrograms:
 
     # --- traffic counters ----------------------------------------------------------------
 
-    def traffic_counters(self) -> list[TrafficCounter]:
-        """Every (workload, process, destination) counter the kernel holds, cumulative: what
-        the sockets counted since the last call is folded in first."""
+    def traffic_changes(self) -> TrafficChanges:
+        """The (workload, process, destination) counters that changed since the last call
+        (all of them at the first), cumulative, and those evicted meanwhile: what the sockets
+        counted since the last call is folded in first. The whole map is read every time (one
+        system call per 4096 counters), but only what changed is decoded."""
         bpfsys.test_run(self._fold.fd, repeat=_FOLD_REGIONS)
-        return [_traffic_counter(k, v) for k, v in self._bpf[b"traffic"].items()]
+        raw = bpfsys.map_items(self._bpf[b"traffic"].map_fd, _TRAFFIC_KEY.size, _TRAFFIC_VALUE.size)
+        known, decoded, changed = self._decoded_traffic, {}, []
+        for raw_key, raw_value in raw:
+            previous = known.get(raw_key)
+            if previous and previous[0] == raw_value:
+                decoded[raw_key] = previous
+            else:
+                decoded[raw_key] = (raw_value, _traffic_counter(raw_key, raw_value))
+                changed.append(decoded[raw_key][1])
+        gone = [known[raw_key][1] for raw_key in known.keys() - decoded.keys()]
+        self._decoded_traffic = decoded
+        return TrafficChanges(changed, gone)
 
     # --- events ----------------------------------------------------------------------
 
@@ -371,19 +387,22 @@ class TrafficCounter:
     packets: int
 
 
-class _TrafficKey(ctypes.Structure):  # struct traffic_key
-    _fields_ = [("workload", ctypes.c_uint32), ("tgid", ctypes.c_uint32), ("addr", ctypes.c_uint8 * 16),
-                ("port", ctypes.c_uint16), ("proto", ctypes.c_uint8), ("listen", ctypes.c_uint8),
-                ("pad", ctypes.c_uint32)]
+@dataclass(frozen=True)
+class TrafficChanges:
+    changed: list[TrafficCounter]  # new or grown since the last read, with their totals
+    gone: list[TrafficCounter]  # no longer in the kernel's map (LRU-evicted), as last read
 
 
-class _TrafficValue(ctypes.Structure):  # struct traffic_value
-    _fields_ = [("bytes", ctypes.c_uint64), ("packets", ctypes.c_uint64)]
+# struct traffic_key: workload, tgid, addr, port, proto, listen, pad; struct traffic_value.
+_TRAFFIC_KEY = struct.Struct("=II16sHBBI")
+_TRAFFIC_VALUE = struct.Struct("=QQ")
 
 
-def _traffic_counter(k, v) -> TrafficCounter:
-    return TrafficCounter(workload=k.workload, tgid=k.tgid, address=_address_text(bytes(k.addr)), port=k.port,
-                          protocol=k.proto, listen=bool(k.listen), bytes=v.bytes, packets=v.packets)
+def _traffic_counter(raw_key: bytes, raw_value: bytes) -> TrafficCounter:
+    workload, tgid, addr, port, proto, listen, _ = _TRAFFIC_KEY.unpack(raw_key)
+    byte_count, packets = _TRAFFIC_VALUE.unpack(raw_value)
+    return TrafficCounter(workload=workload, tgid=tgid, address=_address_text(addr), port=port, protocol=proto,
+                          listen=bool(listen), bytes=byte_count, packets=packets)
 
 
 # struct sock_info: cookie, generation, addr, tgid, workload, port, proto, listen, kept, pad,
@@ -402,10 +421,10 @@ def read_pinned_traffic(pin_dir: Path) -> list[TrafficCounter]:
         total[0] += byte_count
         total[1] += packet_count
 
-    items = bpfsys.pinned_map_items(str(pin_dir / "traffic"), ctypes.sizeof(_TrafficKey), ctypes.sizeof(_TrafficValue))
-    for raw_key, raw_value in items:
-        k, v = _TrafficKey.from_buffer_copy(raw_key), _TrafficValue.from_buffer_copy(raw_value)
-        add((k.workload, k.tgid, bytes(k.addr), k.port, k.proto, bool(k.listen)), v.bytes, v.packets)
+    for raw_key, raw_value in bpfsys.pinned_map_items(str(pin_dir / "traffic"), _TRAFFIC_KEY.size,
+                                                      _TRAFFIC_VALUE.size):
+        workload, tgid, addr, port, proto, listen, _ = _TRAFFIC_KEY.unpack(raw_key)
+        add((workload, tgid, addr, port, proto, bool(listen)), *_TRAFFIC_VALUE.unpack(raw_value))
     for slot in _unfolded_slots(pin_dir / "sock_slots"):
         _, _, addr, tgid, workload, port, proto, listen, _, _, _, packets, byte_count = slot
         add((workload, tgid, bytes(16) if listen else addr, port, proto, bool(listen)), byte_count, packets)
@@ -423,6 +442,7 @@ def _unfolded_slots(path: Path) -> list[tuple]:
     return [_SLOT.unpack_from(data, i * _SLOT.size) for i in range(SOCK_SLOTS) if packets[i] or byte_counts[i]]
 
 
+@functools.lru_cache(maxsize=65536)  # a few addresses recur across many counters
 def _address_text(packed: bytes) -> str | None:
     if packed == bytes(16):
         return None

@@ -1,7 +1,7 @@
 """Outbound traffic of the workloads: the kernel's byte counters turned into per-process and
 per-destination totals and rates, byte budgets and the spike detector."""
 from .budgets import BudgetCrossing, BudgetWatch
-from .meter import DestinationTraffic, NameLookup, ProcessTraffic, TrafficMeter, TrafficSample, no_names
+from .meter import DestinationTraffic, NameLookup, ProcessTraffic, TrafficMeter, no_names
 from .spikes import Anomaly, SpikeWatch
 from .watch import TrafficWatch
 
@@ -14,7 +14,6 @@ __all__ = [
     "ProcessTraffic",
     "SpikeWatch",
     "TrafficMeter",
-    "TrafficSample",
     "TrafficWatch",
     "no_names",
 ]

@@ -1,8 +1,10 @@
 """Totals and rates from the kernel's cumulative counters (bpf/warden.bpf.c `traffic`).
 
 The kernel counts per (workload index, tgid, destination address, port, protocol); a
-TrafficMeter is given every counter at each tick and keeps the previous tick's values, so
-a rate is the growth between two ticks divided by the time between them."""
+TrafficMeter is given, at each tick, the counters that changed since the one before, so a
+rate is the growth between two ticks divided by the time between them. A tick costs what
+changed, not what the kernel holds: a busy host's map fills up (65,536 counters) with
+processes and addresses long gone quiet."""
 from __future__ import annotations
 
 import socket
@@ -26,25 +28,6 @@ def no_names(_address: str) -> str | None:
 
 def protocol_name(number: int) -> str:
     return _PROTOCOL_NAMES.get(number, str(number))
-
-
-@dataclass(frozen=True)
-class TrafficSample:
-    """One kernel counter at one tick, with its workload named and its rate computed."""
-
-    workload: str
-    tgid: int
-    address: str | None  # None: replies to clients on a listen port
-    port: int
-    protocol: str
-    listen: bool
-    bytes: int
-    packets: int
-    rate: float  # bytes per second since the previous tick (0 on the first)
-
-    @property
-    def destination_key(self) -> tuple[str | None, int, str, bool]:
-        return (self.address, self.port, self.protocol, self.listen)
 
 
 @dataclass
@@ -85,60 +68,123 @@ class ProcessTraffic:
         return sum(d.rate for d in self.destinations)
 
 
+# A counter: (workload index, tgid, address, port, protocol number, listen); a destination
+# within a workload: the counter's key from its address on.
+CounterKey = tuple
+DestinationKey = tuple
+
+
+@dataclass(slots=True)
+class _Totals:
+    """A counter's or a destination's bytes and packets as of the last tick, and its rate."""
+
+    bytes: int
+    packets: int
+    rate: float = 0.0  # bytes per second since the previous tick (0 on the first)
+    counters: int = 0  # of a destination: how many counters it gathers
+
+
 class TrafficMeter:
     def __init__(self, names: NameLookup = no_names) -> None:
         self.names = names
-        self.samples: list[TrafficSample] = []
-        self._previous: dict[tuple, int] = {}
+        self._counters: dict[CounterKey, _Totals] = {}
+        self._destinations: dict[int, dict[DestinationKey, _Totals]] = {}  # by workload index
+        self._moving: set[CounterKey] = set()  # counters whose rate is not 0
+        self._moving_destinations: set[tuple[int, DestinationKey]] = set()
+        self._workload_names: dict[int, str] = {}
         self._previous_time: float | None = None
         self._comms: dict[int, str] = {}
 
-    def update(self, counters: Iterable[TrafficCounter], workload_names: dict[int, str], now: float) -> None:
-        """Take a new tick. Counters of workload indexes not in `workload_names` (gone from
-        the policy) are left out."""
+    def update(self, changed: Iterable[TrafficCounter], workload_names: dict[int, str], now: float,
+               gone: Iterable[TrafficCounter] = ()) -> None:
+        """Take a new tick. `changed`: the counters new or grown since the last tick (giving an
+        unchanged one too does no harm); every other keeps its totals and its rate drops to 0.
+        `gone`: counters the kernel no longer holds (evicted from its LRU map). Counters of
+        workload indexes not in `workload_names` (gone from the policy) are kept but left out
+        of what the meter reports. A destination's totals move by what its counters moved, so
+        a tick costs what changed."""
         elapsed = now - self._previous_time if self._previous_time is not None else 0.0
-        samples, current = [], {}
-        for c in counters:
-            workload = workload_names.get(c.workload)
-            if workload is None:
-                continue
-            key = (c.workload, c.tgid, c.address, c.port, c.protocol, c.listen)
-            current[key] = c.bytes
-            grown = c.bytes - self._previous.get(key, c.bytes if elapsed == 0 else 0)
-            rate = max(grown, 0) / elapsed if elapsed > 0 else 0.0
-            samples.append(TrafficSample(workload, c.tgid, c.address, c.port, protocol_name(c.protocol),
-                                         c.listen, c.bytes, c.packets, rate))
-        self.samples, self._previous, self._previous_time = samples, current, now
+        for c in gone:
+            key = _key(c)
+            totals = self._counters.pop(key, None)
+            if totals is not None:
+                self._moving.discard(key)
+                self._add_to_destination(key, -totals.bytes, -totals.packets, -1)
+        touched, moving, grown_by_destination = set(), set(), {}
+        for c in changed:
+            key = _key(c)
+            totals = self._counters.get(key)
+            start = totals.bytes if totals else (c.bytes if elapsed == 0 else 0)
+            grown = max(c.bytes - start, 0)
+            if totals:
+                destination = self._add_to_destination(key, c.bytes - totals.bytes, c.packets - totals.packets, 0)
+                totals.bytes, totals.packets = c.bytes, c.packets
+            else:
+                destination = self._add_to_destination(key, c.bytes, c.packets, 1)
+                totals = self._counters[key] = _Totals(c.bytes, c.packets)
+            totals.rate = grown / elapsed if elapsed > 0 else 0.0
+            grown_by_destination[destination] = grown_by_destination.get(destination, 0) + grown
+            touched.add(key)
+            if totals.rate:
+                moving.add(key)
+        for key in self._moving - touched:
+            self._counters[key].rate = 0.0
+        self._moving = moving
+        self._rate_destinations(grown_by_destination, elapsed)
+        self._workload_names, self._previous_time = dict(workload_names), now
+
+    def _add_to_destination(self, key: CounterKey, sent: int, packets: int,
+                            counters: int) -> tuple[int, DestinationKey]:
+        index, destination = key[0], key[2:]
+        by_destination = self._destinations.setdefault(index, {})
+        totals = by_destination.get(destination)
+        if totals is None:
+            totals = by_destination[destination] = _Totals(0, 0)
+        totals.bytes += sent
+        totals.packets += packets
+        totals.counters += counters
+        if not totals.counters:
+            del by_destination[destination]
+            self._moving_destinations.discard((index, destination))
+        return index, destination
+
+    def _rate_destinations(self, grown_by_destination: dict[tuple[int, DestinationKey], int], elapsed: float) -> None:
+        for index, destination in self._moving_destinations - grown_by_destination.keys():
+            self._destinations[index][destination].rate = 0.0
+        self._moving_destinations = set()
+        for (index, destination), grown in grown_by_destination.items():
+            totals = self._destinations[index][destination]
+            totals.rate = grown / elapsed if elapsed > 0 else 0.0
+            if totals.rate:
+                self._moving_destinations.add((index, destination))
 
     def processes(self) -> list[ProcessTraffic]:
         by_process: dict[tuple[str, int], ProcessTraffic] = {}
-        for s in self.samples:
-            process = by_process.get((s.workload, s.tgid))
+        for key, totals in self._counters.items():
+            workload = self._workload_names.get(key[0])
+            if workload is None:
+                continue
+            tgid = key[1]
+            process = by_process.get((workload, tgid))
             if process is None:
-                process = by_process[(s.workload, s.tgid)] = ProcessTraffic(s.tgid, self._comm(s.tgid), s.workload)
-            process.destinations.append(self.destination(s))
+                process = by_process[(workload, tgid)] = ProcessTraffic(tgid, self._comm(tgid), workload)
+            process.destinations.append(self._destination(key[2:], totals))
         for process in by_process.values():
             process.destinations.sort(key=lambda d: -d.bytes)
         return sorted(by_process.values(), key=lambda p: (p.workload, -p.bytes))
 
     def destinations(self, workload: str) -> list[DestinationTraffic]:
         """The workload's traffic per destination, all its processes together."""
-        merged: dict[tuple, DestinationTraffic] = {}
-        for s in self.samples:
-            if s.workload != workload:
-                continue
-            known = merged.get(s.destination_key)
-            if known is None:
-                merged[s.destination_key] = self.destination(s)
-            else:
-                known.bytes += s.bytes
-                known.packets += s.packets
-                known.rate += s.rate
-        return sorted(merged.values(), key=lambda d: -d.bytes)
+        found = [self._destination(destination, totals)
+                 for index, name in self._workload_names.items() if name == workload
+                 for destination, totals in self._destinations.get(index, {}).items()]
+        return sorted(found, key=lambda d: -d.bytes)
 
-    def destination(self, s: TrafficSample) -> DestinationTraffic:
-        fqdn = self.names(s.address) if s.address else None
-        return DestinationTraffic(s.address, s.port, s.protocol, fqdn, s.listen, s.bytes, s.packets, s.rate)
+    def _destination(self, destination: DestinationKey, totals: _Totals) -> DestinationTraffic:
+        address, port, protocol, listen = destination
+        fqdn = self.names(address) if address else None
+        return DestinationTraffic(address, port, protocol_name(protocol), fqdn, listen, totals.bytes, totals.packets,
+                                  totals.rate)
 
     def _comm(self, tgid: int) -> str | None:
         """The process's name, remembered after it exits."""
@@ -149,3 +195,7 @@ class TrafficMeter:
         except OSError:
             pass
         return self._comms.get(tgid)
+
+
+def _key(c: TrafficCounter) -> CounterKey:
+    return (c.workload, c.tgid, c.address, c.port, c.protocol, c.listen)

@@ -17,10 +17,11 @@ class TrafficWatch:
         self.budgets = BudgetWatch()
         self.spikes = SpikeWatch()
 
-    def tick(self, counters: Iterable[TrafficCounter], workloads: dict[int, Workload],
-             now: float) -> tuple[list[BudgetCrossing], list[Anomaly]]:
-        """`workloads`: the policy's workloads by kernel index."""
-        self.meter.update(counters, {index: spec.name for index, spec in workloads.items()}, now)
+    def tick(self, changed: Iterable[TrafficCounter], workloads: dict[int, Workload], now: float,
+             gone: Iterable[TrafficCounter] = ()) -> tuple[list[BudgetCrossing], list[Anomaly]]:
+        """`changed` and `gone` as TrafficMeter.update takes them; `workloads`: the policy's
+        workloads by kernel index."""
+        self.meter.update(changed, {index: spec.name for index, spec in workloads.items()}, now, gone)
         crossings, anomalies = [], []
         for spec in workloads.values():
             destinations = self.meter.destinations(spec.name)
