@@ -1,0 +1,127 @@
+"""The agent's once-a-second traffic accounting as the kernel's counter map fills up.
+
+    python bench/accounting.py [--counters N,N,...] [--ticks N] [-o table|json]
+
+The pinned LRU map `traffic` keeps a counter per (workload, process, destination) and
+forgets nothing until it is full (65,536): processes come and go, provider addresses rotate,
+so a long-running host fills it. Every second the agent folds the socket slots, reads the
+map and turns what changed into totals, rates, budget windows and spike baselines
+(KernelPrograms.traffic_changes, then TrafficWatch.tick), on the thread that also handles
+the ring buffer's verdicts. This loads the agent's programs (no agent, no traffic: the map
+is written from here, 20 addresses per process), and for each size times
+- the first read, when every counter is new to the agent (its start);
+- a steady tick, with 1 % of the counters grown since the tick before (median of --ticks);
+- a quiet tick, with nothing grown.
+The workload is examples/policy.yaml's (one fqdn budget, the spike detector).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import socket
+import statistics
+import struct
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+# first: puts tests/ and the repository root on sys.path
+from common import REPO, aligned, argument_parser, parse, progress, report
+
+from foundation import positive
+from agent.kernel import bpfsys
+from agent.kernel.loader import PINNED_MAPS, KernelPrograms, remove_pins
+from agent.policy import load_policy
+from agent.traffic import TrafficWatch
+
+ADDRESSES_PER_PROCESS = 20
+TRAFFIC_KEY = struct.Struct("=II16sHBBI")  # struct traffic_key in bpf/warden.bpf.c
+TRAFFIC_VALUE = struct.Struct("=QQ")  # struct traffic_value
+
+
+def counter_sizes(text: str) -> list[int]:
+    limit = PINNED_MAPS["traffic"].max_entries
+    try:
+        sizes = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text}: want counts separated by commas, such as 1000,10000") from None
+    if not sizes or any(not 1 <= n <= limit for n in sizes):
+        raise argparse.ArgumentTypeError(f"{text}: each count must be 1 to {limit} (the map's capacity)")
+    return sorted(sizes)
+
+
+class CounterWriter:
+    """Writes counters into the pinned `traffic` map as the kernel would, counter i being
+    process 1000 + i // ADDRESSES_PER_PROCESS toward one of that many addresses on 443."""
+
+    def __init__(self, pin_dir: Path) -> None:
+        self.fd = bpfsys.open_pinned(str(pin_dir / "traffic"))
+
+    def write(self, counters: range, sent: int) -> None:
+        for i in counters:
+            address = bytes(10) + b"\xff\xff" + bytes([198, 18, i % ADDRESSES_PER_PROCESS, 10])
+            key = TRAFFIC_KEY.pack(0, 1000 + i // ADDRESSES_PER_PROCESS, address, 443, socket.IPPROTO_TCP, 0, 0)
+            bpfsys.map_update(self.fd, key, TRAFFIC_VALUE.pack(sent, sent // 1000 + 1))
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def milliseconds(work: Callable[[], object]) -> float:
+    started = time.perf_counter()
+    work()
+    return (time.perf_counter() - started) * 1e3
+
+
+def measure(size: int, ticks: int) -> dict[str, Any]:
+    """A fresh program set and map of `size` counters, ticked as the agent ticks."""
+    workload = load_policy(REPO / "examples" / "policy.yaml", check_permissions=False).workloads[0]
+    pin_dir = Path("/sys/fs/bpf") / f"ew-bench-accounting-{secrets.token_hex(3)}"
+    kernel = KernelPrograms(pin_dir=pin_dir)
+    writer = CounterWriter(pin_dir)
+    try:
+        writer.write(range(size), 1000)
+        watch, clock = TrafficWatch(), [0.0]
+
+        def tick() -> None:
+            changes = kernel.traffic_changes()
+            clock[0] += 1.0
+            watch.tick(changes.changed, {0: workload}, clock[0], changes.gone)
+
+        first = milliseconds(tick)
+        steady = []
+        for n in range(ticks):
+            writer.write(range(max(size // 100, 1)), 2000 + 1000 * n)
+            steady.append(milliseconds(tick))
+        quiet = milliseconds(tick)
+        return {"counters": size, "first_ms": first, "steady_ms": statistics.median(steady), "quiet_ms": quiet}
+    finally:
+        writer.close()
+        kernel.close()
+        remove_pins(pin_dir)
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    rows = [("counters", "first read", "steady tick (1 % grew)", "quiet tick")]
+    rows += [(str(r["counters"]), f"{r['first_ms']:.1f} ms", f"{r['steady_ms']:.1f} ms", f"{r['quiet_ms']:.1f} ms")
+             for r in results]
+    return "\n".join(aligned(rows))
+
+
+def main() -> None:
+    parser = argument_parser(__doc__)
+    parser.add_argument("--counters", type=counter_sizes, default=[1000, 10000, 65536],
+                        help="map sizes to measure, comma-separated (default 1000,10000,65536)")
+    parser.add_argument("--ticks", type=positive, default=5, help="steady ticks per size (default 5)")
+    arguments = parse(parser)
+    results = []
+    for size in arguments.counters:
+        results.append(measure(size, arguments.ticks))
+        progress(f"  {size} counters: first read {results[-1]['first_ms']:.1f} ms, "
+                 f"steady tick {results[-1]['steady_ms']:.1f} ms, quiet tick {results[-1]['quiet_ms']:.1f} ms")
+    report(arguments.output, {"sizes": results}, table(results))
+
+
+if __name__ == "__main__":
+    main()
