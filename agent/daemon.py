@@ -534,13 +534,17 @@ class Agent:
         """The DNS name the proxy resolved `address` from, to label counters and budgets."""
         return self.dns.name_for(address) if self.dns else None
 
+    # The API and metrics threads read the meter under the lock its tick (run) holds: a tick
+    # changes the meter's totals in place.
     def traffic_by_process(self) -> list[ProcessTraffic]:
         """Per process (pid, comm, workload): bytes, packets and rate per destination, as of
         the last tick (one a second)."""
-        return self.traffic.processes()
+        with self._lock:
+            return self.traffic.processes()
 
     def traffic_by_workload(self) -> dict[str, list[DestinationTraffic]]:
-        return {name: self.traffic.destinations(name) for name in self.workloads}
+        with self._lock:
+            return {name: self.traffic.destinations(name) for name in self.workloads}
 
     def _account_traffic(self) -> None:
         by_index = {w.index: w.spec for w in self.workloads.values()}
