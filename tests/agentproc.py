@@ -6,6 +6,7 @@ import os
 import secrets
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -75,21 +76,30 @@ class AgentProcess(ChildProcess):
         Metrics are off (other agents on this machine may hold the default port) unless
         `agent_args` turns them on: the last --metrics-listen wins."""
         already = len(self.events())
+        left = self._socket_identity()  # a killed agent's socket, which this one must replace
         self.process = subprocess.Popen(
             [*prefix, *WARDEN, "agent", "--policy", str(self.policy), "--events-file", str(self.events_file),
              "--state-dir", str(self.state_dir), "--pin-dir", str(self.pin_dir), "--agent-id", "test-agent",
              "--socket", str(self.socket), "--metrics-listen", "off", *self.agent_args],
             cwd=REPO, stderr=open(self.log, "a"), stdout=subprocess.DEVNULL, env={**os.environ, **(env or {})})
         self.wait_for(lambda e: e["kind"] == "agent_started", timeout=timeout, after=already)
-        self._wait_for_api(timeout)
+        self._wait_for_api(timeout, left)
 
-    def _wait_for_api(self, timeout: float) -> None:
-        """The API is served right after agent_started; an agent that cannot serve it exits."""
+    def _wait_for_api(self, timeout: float, left: tuple | None) -> None:
+        """The API is served right after agent_started, and every other server before it; an
+        agent that cannot serve it exits. The socket a killed agent left does not count."""
         deadline = time.monotonic() + timeout
-        while not self.socket.is_socket():
+        while (found := self._socket_identity()) is None or found == left:
             if self.process.poll() is not None or time.monotonic() > deadline:
                 raise AssertionError(f"agent serves no API at {self.socket}:\n{self.log.read_text()}")
             time.sleep(0.02)
+
+    def _socket_identity(self) -> tuple | None:
+        try:
+            status = os.stat(self.socket)
+        except FileNotFoundError:
+            return None
+        return (status.st_ino, status.st_ctime_ns) if stat.S_ISSOCK(status.st_mode) else None
 
     def events(self) -> list[dict[str, Any]]:
         if not self.events_file.exists():

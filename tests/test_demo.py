@@ -51,8 +51,10 @@ def test_demo_tells_the_story_and_cleans_up(action, acted):
 
 
 def test_ctrl_c_cleans_up_everything():
+    # As in a terminal, whatever the test run's own SIGINT: a shell ignores it in the jobs it
+    # starts in the background, and Python (the demo) then keeps ignoring it.
     demo = subprocess.Popen(DEMO, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen = []
     for line in demo.stdout:
         seen.append(line)
