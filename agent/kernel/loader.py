@@ -127,7 +127,9 @@ class KernelPrograms:
         # Sockets cache verdicts by generation in a pinned map, so generations must never
         # repeat across agent restarts: start from the clock, which only moves forward.
         self._generation = time.monotonic_ns()
-        # traffic_changes' last read: raw key -> (raw value, the counter decoded from them)
+        # traffic_changes (the agent's accounting thread) reads the map by fd; its last read:
+        # raw key -> (raw value, the counter decoded from them)
+        self._traffic_fd = self._bpf[b"traffic"].map_fd
         self._decoded_traffic: dict[bytes, tuple[bytes, TrafficCounter]] = {}
         self.load_seconds = time.monotonic() - started
 
@@ -331,7 +333,7 @@ class KernelPrograms:
         counted since the last call is folded in first. The whole map is read every time (one
         system call per 4096 counters), but only what changed is decoded."""
         bpfsys.test_run(self._fold.fd, repeat=_FOLD_REGIONS)
-        raw = bpfsys.map_items(self._bpf[b"traffic"].map_fd, _TRAFFIC_KEY.size, _TRAFFIC_VALUE.size)
+        raw = bpfsys.map_items(self._traffic_fd, _TRAFFIC_KEY.size, _TRAFFIC_VALUE.size)
         known, decoded, changed = self._decoded_traffic, {}, []
         for raw_key, raw_value in raw:
             previous = known.get(raw_key)
