@@ -26,7 +26,6 @@ import os
 import secrets
 import socket
 import statistics
-import struct
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -37,13 +36,11 @@ from common import REPO, agent_in_lab, aligned, argument_parser, parse, percenti
 from agentproc import unique_name
 from foundation import TARGET_KILL_P99_MS, bench_policy, kill_trial_ms, positive
 from agent.kernel import bpfsys
-from agent.kernel.loader import PINNED_MAPS, KernelPrograms, remove_pins
+from agent.kernel.loader import PINNED_MAPS, TRAFFIC_KEY, TRAFFIC_VALUE, KernelPrograms, remove_pins
 from agent.policy import load_policy
 from agent.traffic import TrafficWatch
 
 ADDRESSES_PER_PROCESS = 20
-TRAFFIC_KEY = struct.Struct("=II16sHBBI")  # struct traffic_key in bpf/warden.bpf.c
-TRAFFIC_VALUE = struct.Struct("=QQ")  # struct traffic_value
 
 
 def counter_sizes(text: str) -> list[int]:

@@ -17,7 +17,6 @@ import os
 import signal
 import socket
 import stat
-import struct
 import subprocess
 import sys
 import time
@@ -27,8 +26,8 @@ from pathlib import Path
 import pytest
 
 from agent.kernel import bpfsys
-from agent.kernel.loader import (PINNED_MAPS, SOCK_SLOTS, KernelPrograms, TrafficCounter, read_pinned_traffic,
-                                 remove_pins)
+from agent.kernel.loader import (PINNED_MAPS, SOCK_SLOTS, TRAFFIC_KEY, TRAFFIC_VALUE, KernelPrograms, TrafficCounter,
+                                 read_pinned_traffic, remove_pins)
 from agentproc import AgentProcess, unique_name, workload_policy
 from agent.lab.network import Lab
 
@@ -292,9 +291,9 @@ def test_traffic_changes_add_up_to_what_the_kernel_holds():
     state: dict[tuple, TrafficCounter] = {}
 
     def write(tgids: range, sent: int) -> None:
-        for tgid in tgids:  # struct traffic_key, struct traffic_value
-            key = struct.pack("=II16sHBBI", 0, tgid, bytes(12) + bytes([198, 18, 1, 10]), 443, socket.IPPROTO_TCP, 0, 0)
-            bpfsys.map_update(traffic, key, struct.pack("=QQ", sent, 1))
+        for tgid in tgids:
+            key = TRAFFIC_KEY.pack(0, tgid, bytes(12) + bytes([198, 18, 1, 10]), 443, socket.IPPROTO_TCP, 0, 0)
+            bpfsys.map_update(traffic, key, TRAFFIC_VALUE.pack(sent, 1))
 
     def read() -> tuple[list[TrafficCounter], list[TrafficCounter]]:
         changes = kernel.traffic_changes()

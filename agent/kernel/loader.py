@@ -333,7 +333,7 @@ class KernelPrograms:
         counted since the last call is folded in first. The whole map is read every time (one
         system call per 4096 counters), but only what changed is decoded."""
         bpfsys.test_run(self._fold.fd, repeat=_FOLD_REGIONS)
-        raw = bpfsys.map_items(self._traffic_fd, _TRAFFIC_KEY.size, _TRAFFIC_VALUE.size)
+        raw = bpfsys.map_items(self._traffic_fd, TRAFFIC_KEY.size, TRAFFIC_VALUE.size)
         known, decoded, changed = self._decoded_traffic, {}, []
         for raw_key, raw_value in raw:
             previous = known.get(raw_key)
@@ -396,13 +396,14 @@ class TrafficChanges:
 
 
 # struct traffic_key: workload, tgid, addr, port, proto, listen, pad; struct traffic_value.
-_TRAFFIC_KEY = struct.Struct("=II16sHBBI")
-_TRAFFIC_VALUE = struct.Struct("=QQ")
+# Public for what writes counters as the kernel would (tests, bench/accounting.py).
+TRAFFIC_KEY = struct.Struct("=II16sHBBI")
+TRAFFIC_VALUE = struct.Struct("=QQ")
 
 
 def _traffic_counter(raw_key: bytes, raw_value: bytes) -> TrafficCounter:
-    workload, tgid, addr, port, proto, listen, _ = _TRAFFIC_KEY.unpack(raw_key)
-    byte_count, packets = _TRAFFIC_VALUE.unpack(raw_value)
+    workload, tgid, addr, port, proto, listen, _ = TRAFFIC_KEY.unpack(raw_key)
+    byte_count, packets = TRAFFIC_VALUE.unpack(raw_value)
     return TrafficCounter(workload=workload, tgid=tgid, address=_address_text(addr), port=port, protocol=proto,
                           listen=bool(listen), bytes=byte_count, packets=packets)
 
@@ -423,10 +424,10 @@ def read_pinned_traffic(pin_dir: Path) -> list[TrafficCounter]:
         total[0] += byte_count
         total[1] += packet_count
 
-    for raw_key, raw_value in bpfsys.pinned_map_items(str(pin_dir / "traffic"), _TRAFFIC_KEY.size,
-                                                      _TRAFFIC_VALUE.size):
-        workload, tgid, addr, port, proto, listen, _ = _TRAFFIC_KEY.unpack(raw_key)
-        add((workload, tgid, addr, port, proto, bool(listen)), *_TRAFFIC_VALUE.unpack(raw_value))
+    for raw_key, raw_value in bpfsys.pinned_map_items(str(pin_dir / "traffic"), TRAFFIC_KEY.size,
+                                                      TRAFFIC_VALUE.size):
+        workload, tgid, addr, port, proto, listen, _ = TRAFFIC_KEY.unpack(raw_key)
+        add((workload, tgid, addr, port, proto, bool(listen)), *TRAFFIC_VALUE.unpack(raw_value))
     for slot in _unfolded_slots(pin_dir / "sock_slots"):
         _, _, addr, tgid, workload, port, proto, listen, _, _, _, packets, byte_count = slot
         add((workload, tgid, bytes(16) if listen else addr, port, proto, bool(listen)), byte_count, packets)
