@@ -224,24 +224,60 @@ static __always_inline struct sock_info *slot_of(u64 cookie) {
     return sock_slots.lookup(&index);
 }
 
-// What a slot counted goes into `traffic` under the slot's process and destination. Each
-// counter is taken with an exchange, so a packet counted meanwhile on another CPU goes in
-// with the next fold: never lost, never twice (one fold may take its bytes, the next its
-// packet count).
-static __always_inline void fold_slot(struct sock_info *slot) {
+static __always_inline void slot_traffic_key(struct sock_info *slot, struct traffic_key *key) {
+    key->workload = slot->workload;
+    key->tgid = slot->tgid;
+    key->proto = slot->proto;
+    key->port = slot->port;
+    key->listen = slot->listen;
+    if (!slot->listen)
+        __builtin_memcpy(key->addr, slot->addr, 16);
+}
+
+static __always_inline int same_traffic_key(const struct traffic_key *a, const struct traffic_key *b) {
+    const u32 *x = (const u32 *)a, *y = (const u32 *)b;
+    for (int i = 0; i < sizeof(*a) / sizeof(u32); i++)
+        if (x[i] != y[i])
+            return 0;
+    return 1;
+}
+
+// Counts taken out of slots and not yet added to `traffic`, all under one key: neighbouring
+// slots are a router's successive sockets, mostly to one provider, so a fold adds a run of
+// them with one lookup and one add instead of one each.
+struct fold_run {
+    struct traffic_key key;
+    u64 bytes;
+    u64 packets;
+};
+
+static __always_inline void flush_run(struct fold_run *run) {
+    if (run->bytes || run->packets)
+        add_traffic(&run->key, run->bytes, run->packets);
+    run->bytes = run->packets = 0;
+}
+
+// What a slot counted goes into the run, under the slot's process and destination (the run
+// flushed first when it holds another's). Each counter is taken with an exchange, so a packet
+// counted meanwhile on another CPU goes in with the next fold: never lost, never twice (one
+// fold may take its bytes, the next its packet count).
+static __always_inline void take_slot(struct fold_run *run, struct sock_info *slot) {
     if (!slot->packets && !slot->bytes)
         return;
     struct traffic_key key = {};
-    key.workload = slot->workload;
-    key.tgid = slot->tgid;
-    key.proto = slot->proto;
-    key.port = slot->port;
-    key.listen = slot->listen;
-    if (!slot->listen)
-        __builtin_memcpy(key.addr, slot->addr, 16);
-    u64 bytes = __sync_lock_test_and_set(&slot->bytes, 0);
-    u64 packets = __sync_lock_test_and_set(&slot->packets, 0);
-    add_traffic(&key, bytes, packets);
+    slot_traffic_key(slot, &key);
+    if (!same_traffic_key(&key, &run->key)) {
+        flush_run(run);
+        run->key = key;
+    }
+    run->bytes += __sync_lock_test_and_set(&slot->bytes, 0);
+    run->packets += __sync_lock_test_and_set(&slot->packets, 0);
+}
+
+static __always_inline void fold_slot(struct sock_info *slot) {
+    struct fold_run run = {};
+    take_slot(&run, slot);
+    flush_run(&run);
 }
 
 // One bit per slot, set while all the slot counted is in `traffic`. All clear in a new agent's
@@ -879,14 +915,16 @@ int ew_fold(struct __sk_buff *skb) {
     if (!word || *word == ALL_FOLDED)
         return 0;
     u64 was = __sync_lock_test_and_set(word, ALL_FOLDED);
+    struct fold_run run = {};
     for (u32 i = 0; i < FOLD_REGION_SLOTS; i++) {
         u32 index = region * FOLD_REGION_SLOTS + i;
         struct sock_info *slot = sock_slots.lookup(&index);
         if (!slot)
             break;
         if (!(was & folded_bit(index)))
-            fold_slot(slot);
+            take_slot(&run, slot);
     }
+    flush_run(&run);
     return 0;
 }
 

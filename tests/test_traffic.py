@@ -12,11 +12,13 @@ retransmissions to count twice.
 """
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import signal
 import socket
 import stat
+import struct
 import subprocess
 import sys
 import time
@@ -26,8 +28,8 @@ from pathlib import Path
 import pytest
 
 from agent.kernel import bpfsys
-from agent.kernel.loader import (PINNED_MAPS, SOCK_SLOTS, TRAFFIC_KEY, TRAFFIC_VALUE, KernelPrograms, TrafficCounter,
-                                 read_pinned_traffic, remove_pins)
+from agent.kernel.loader import (PINNED_MAPS, SOCK_INFO, SOCK_SLOTS, TRAFFIC_KEY, TRAFFIC_VALUE, KernelPrograms,
+                                 TrafficCounter, read_pinned_traffic, remove_pins)
 from agentproc import AgentProcess, unique_name, workload_policy
 from agent.lab.network import Lab
 
@@ -322,6 +324,48 @@ def test_traffic_changes_add_up_to_what_the_kernel_holds():
         assert gone and len(state) <= PINNED_MAPS["traffic"].max_entries
     finally:
         os.close(traffic)
+        kernel.close()
+        remove_pins(pin_dir)
+
+
+def test_a_fold_puts_each_slot_under_its_own_process_and_destination():
+    """ew_fold adds a run of neighbouring slots with one key to `traffic` at once: slots whose
+    keys alternate, repeat, differ only in the process or the port, or are listen buckets must
+    each land under their own counter, exactly once, and an emptied slot not again."""
+    pin_dir = Path("/sys/fs/bpf") / f"ew-test-{unique_name('fold')}"
+    kernel = KernelPrograms(pin_dir=pin_dir)
+    slots = bpfsys.open_pinned(str(pin_dir / "sock_slots"))
+    # (workload, tgid, address, port, protocol, listen), as TrafficCounter has them
+    tcp = socket.IPPROTO_TCP
+    a, b = (7, 100, Lab.PROVIDER4, 443, tcp, False), (7, 100, Lab.ATTACKER4, 443, tcp, False)
+    other_process, other_port = (7, 101, Lab.PROVIDER4, 443, tcp, False), (7, 100, Lab.PROVIDER4, 8443, tcp, False)
+    listen = (7, 100, None, 4000, tcp, True)
+    # Over the end of one region (64 slots) into the next, with an empty slot between.
+    layout = [a, a, b, a, None, other_process, other_port, listen, a, a]
+    first_slot = 2 * 64 - 6
+    expected: dict[tuple, list[int]] = {}
+
+    def write_slot(index: int, key: tuple, sent: int, packets: int) -> None:
+        workload, tgid, address, port, proto, is_listen = key
+        addr = ipaddress.IPv6Address(f"::ffff:{address}").packed if address else bytes(16)
+        raw = SOCK_INFO.pack(index + 1, 1, addr, tgid, workload, port, proto, is_listen, 0, 0, 0, packets, sent)
+        bpfsys.map_update(slots, struct.pack("=I", index), raw)
+
+    def identity(c: TrafficCounter) -> tuple:
+        return (c.workload, c.tgid, c.address, c.port, c.protocol, c.listen)
+
+    try:
+        for offset, key in enumerate(layout):
+            if key is not None:
+                write_slot(first_slot + offset, key, 1000 * (offset + 1), offset + 1)
+                total = expected.setdefault(key, [0, 0])
+                total[0] += 1000 * (offset + 1)
+                total[1] += offset + 1
+        assert {identity(c): [c.bytes, c.packets] for c in kernel.traffic_changes().changed} == expected
+        assert kernel.traffic_changes().changed == []  # folded once, not again
+        assert {identity(c): [c.bytes, c.packets] for c in read_pinned_traffic(pin_dir)} == expected
+    finally:
+        os.close(slots)
         kernel.close()
         remove_pins(pin_dir)
 

@@ -409,9 +409,9 @@ def _traffic_counter(raw_key: bytes, raw_value: bytes) -> TrafficCounter:
 
 
 # struct sock_info: cookie, generation, addr, tgid, workload, port, proto, listen, kept, pad,
-# seen, packets, bytes (the last two not yet folded into `traffic`).
-_SLOT = struct.Struct("=QQ16sIHHBBBBIQQ")
-_SLOT_WORDS = _SLOT.size // 8  # the slot as u64s: packets and bytes are the last two
+# seen, packets, bytes (the last two not yet folded into `traffic`). Public like TRAFFIC_KEY.
+SOCK_INFO = struct.Struct("=QQ16sIHHBBBBIQQ")
+_SLOT_WORDS = SOCK_INFO.size // 8  # the slot as u64s: packets and bytes are the last two
 
 
 def read_pinned_traffic(pin_dir: Path) -> list[TrafficCounter]:
@@ -437,12 +437,12 @@ def read_pinned_traffic(pin_dir: Path) -> list[TrafficCounter]:
 
 def _unfolded_slots(path: Path) -> list[tuple]:
     try:
-        data = bpfsys.pinned_array_bytes(str(path), SOCK_SLOTS * _SLOT.size)
+        data = bpfsys.pinned_array_bytes(str(path), SOCK_SLOTS * SOCK_INFO.size)
     except FileNotFoundError:
         return []
     words = memoryview(data).cast("Q")
     packets, byte_counts = words[_SLOT_WORDS - 2::_SLOT_WORDS], words[_SLOT_WORDS - 1::_SLOT_WORDS]
-    return [_SLOT.unpack_from(data, i * _SLOT.size) for i in range(SOCK_SLOTS) if packets[i] or byte_counts[i]]
+    return [SOCK_INFO.unpack_from(data, i * SOCK_INFO.size) for i in range(SOCK_SLOTS) if packets[i] or byte_counts[i]]
 
 
 @functools.lru_cache(maxsize=65536)  # a few addresses recur across many counters
