@@ -132,7 +132,7 @@ def main() -> None:
     add_connect_arguments(parser)
     arguments = parse(parser)
     if shutil.which("iperf3") is None:
-        parser.error("iperf3 is not installed: sudo ./scripts/setup.sh installs it (Debian package iperf3)")
+        parser.error("iperf3 is not installed: ./scripts/setup.sh (as root) installs it (Debian package iperf3)")
     workload = unique_name("bench-t")
     with agent_in_lab(bench_policy(workload), [workload]) as (lab, agent), baseline_cgroup() as baseline:
         result = run(lab, agent, workload, baseline, arguments)

@@ -32,7 +32,7 @@ Exit status:
   3  no agent answers (not running, wrong --socket, no permission on the socket)
   4  refused over TCP: control calls are served on the Unix socket only"""
 
-START_HINT = "start it with `sudo warden agent --policy FILE`, or point at another with --socket / $" + SOCKET_ENV
+START_HINT = "start it (as root) with `warden agent --policy FILE`, or point at another with --socket / $" + SOCKET_ENV
 
 
 class CallFailed(click.ClickException):
