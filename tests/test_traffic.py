@@ -285,6 +285,11 @@ def test_a_socket_that_changes_destination_is_counted_for_each(lab, start_agent)
         agent.process.send_signal(signal.SIGCONT)
 
 
+def counter_identity(c: TrafficCounter) -> tuple:
+    """What names a counter: all but its counts."""
+    return (c.workload, c.tgid, c.address, c.port, c.protocol, c.listen)
+
+
 def test_traffic_changes_add_up_to_what_the_kernel_holds():
     """The agent reads `traffic` once a second and decodes only what changed since the read
     before; applying each read's changes and evictions must give the map's content, also
@@ -302,13 +307,10 @@ def test_traffic_changes_add_up_to_what_the_kernel_holds():
     def read() -> tuple[list[TrafficCounter], list[TrafficCounter]]:
         changes = kernel.traffic_changes()
         for c in changes.gone:
-            del state[identity(c)]
-        state.update((identity(c), c) for c in changes.changed)
+            del state[counter_identity(c)]
+        state.update((counter_identity(c), c) for c in changes.changed)
         assert set(state.values()) == set(read_pinned_traffic(pin_dir))
         return changes.changed, changes.gone
-
-    def identity(c: TrafficCounter) -> tuple:
-        return (c.workload, c.tgid, c.address, c.port, c.protocol, c.listen)
 
     try:
         write(range(1, 10_001), 100)
@@ -351,9 +353,6 @@ def test_a_fold_puts_each_slot_under_its_own_process_and_destination():
         raw = SOCK_INFO.pack(index + 1, 1, addr, tgid, workload, port, proto, is_listen, 0, 0, 0, packets, sent)
         bpfsys.map_update(slots, struct.pack("=I", index), raw)
 
-    def identity(c: TrafficCounter) -> tuple:
-        return (c.workload, c.tgid, c.address, c.port, c.protocol, c.listen)
-
     try:
         for offset, key in enumerate(layout):
             if key is not None:
@@ -361,9 +360,9 @@ def test_a_fold_puts_each_slot_under_its_own_process_and_destination():
                 total = expected.setdefault(key, [0, 0])
                 total[0] += 1000 * (offset + 1)
                 total[1] += offset + 1
-        assert {identity(c): [c.bytes, c.packets] for c in kernel.traffic_changes().changed} == expected
+        assert {counter_identity(c): [c.bytes, c.packets] for c in kernel.traffic_changes().changed} == expected
         assert kernel.traffic_changes().changed == []  # folded once, not again
-        assert {identity(c): [c.bytes, c.packets] for c in read_pinned_traffic(pin_dir)} == expected
+        assert {counter_identity(c): [c.bytes, c.packets] for c in read_pinned_traffic(pin_dir)} == expected
     finally:
         os.close(slots)
         kernel.close()
