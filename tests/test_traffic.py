@@ -356,10 +356,11 @@ def test_a_fold_puts_each_slot_under_its_own_process_and_destination():
     try:
         for offset, key in enumerate(layout):
             if key is not None:
-                write_slot(first_slot + offset, key, 1000 * (offset + 1), offset + 1)
+                sent, packets = 1000 * (offset + 1), offset + 1
+                write_slot(first_slot + offset, key, sent, packets)
                 total = expected.setdefault(key, [0, 0])
-                total[0] += 1000 * (offset + 1)
-                total[1] += offset + 1
+                total[0] += sent
+                total[1] += packets
         assert {counter_identity(c): [c.bytes, c.packets] for c in kernel.traffic_changes().changed} == expected
         assert kernel.traffic_changes().changed == []  # folded once, not again
         assert {counter_identity(c): [c.bytes, c.packets] for c in read_pinned_traffic(pin_dir)} == expected
