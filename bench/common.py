@@ -18,7 +18,7 @@ from typing import Any, Iterator
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "tests"), str(REPO)]
 
-from agentproc import AgentProcess  # noqa: E402
+from agentproc import AgentProcess, warden_parent_removed_if_new  # noqa: E402
 from agent.lab.network import Lab  # noqa: E402
 
 
@@ -49,8 +49,9 @@ def parse(parser: argparse.ArgumentParser) -> argparse.Namespace:
 
 @contextmanager
 def agent_in_lab(policy_text: str, workloads: list[str]) -> Iterator[tuple[Lab, AgentProcess]]:
-    """A Lab and a (not yet started) agent in a temporary directory, both cleaned up after."""
-    with Lab() as lab, tempfile.TemporaryDirectory(prefix="ew-bench-") as tmp:
+    """A Lab and a (not yet started) agent in a temporary directory, both cleaned up after,
+    with the egress-warden parent cgroup if the agent made it."""
+    with warden_parent_removed_if_new(), Lab() as lab, tempfile.TemporaryDirectory(prefix="ew-bench-") as tmp:
         agent = AgentProcess(Path(tmp), policy_text, workloads)
         try:
             yield lab, agent

@@ -12,8 +12,9 @@ import sys
 import tempfile
 import textwrap
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from agent import cgroups
 from agent.kernel.loader import detach_all, remove_pins
@@ -140,6 +141,21 @@ class AgentProcess(ChildProcess):
 
     def router_cmd(self, workload: str, *args: str) -> list[str]:
         return self.run_cmd(workload, [sys.executable, ROUTER, *args])
+
+
+@contextmanager
+def warden_parent_removed_if_new() -> Iterator[None]:
+    """The agents started inside make the `egress-warden` parent cgroup; if there was none
+    before, none is left after. Each user removes its own workload cgroups (AgentProcess.cleanup),
+    so one left here is a leak, and is reported rather than killed."""
+    parent = cgroups.warden_parent()
+    existed = parent.exists()
+    yield
+    if existed or not parent.exists():
+        return
+    leaked = [p.name for p in cgroups.workload_cgroups()]
+    assert not leaked, f"workload cgroups left under {parent}: {', '.join(leaked)}"
+    parent.rmdir()
 
 
 def complete_lines(path: Path) -> list[dict[str, Any]]:

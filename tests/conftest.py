@@ -2,7 +2,7 @@ import os
 
 import pytest
 
-from agentproc import AgentProcess, unique_name
+from agentproc import AgentProcess, unique_name, warden_parent_removed_if_new
 from agent import cgroups
 from agent.lab.network import Lab
 from pgserver import PostgresServer
@@ -18,20 +18,15 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session", autouse=True)
 def warden_parent_cgroup_removed_if_ours():
-    """The agents the tests start make the `egress-warden` parent cgroup; a session that found none
-    leaves none. Each test removes its own workload cgroups, so one left here is a test's leak."""
+    """A session that found no `egress-warden` parent cgroup leaves none, and fails on a test's
+    leaked workload cgroup."""
     try:
-        parent = cgroups.warden_parent()
+        cgroups.warden_parent()
     except cgroups.CgroupError:
         yield
         return
-    existed = parent.exists()
-    yield
-    if existed or not parent.exists():
-        return
-    leaked = sorted(p.name for p in parent.iterdir() if p.is_dir())
-    assert not leaked, f"tests left workload cgroups under {parent}: {', '.join(leaked)}"
-    parent.rmdir()
+    with warden_parent_removed_if_new():
+        yield
 
 
 @pytest.fixture

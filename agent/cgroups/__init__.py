@@ -29,6 +29,12 @@ def warden_parent(root: Path | None = None) -> Path:
     return (root or cgroup2_root()) / PARENT
 
 
+def workload_cgroups(root: Path | None = None) -> list[Path]:
+    """The cgroups under the egress-warden parent, by name; none when there is no parent."""
+    parent = warden_parent(root)
+    return sorted(p for p in parent.iterdir() if p.is_dir()) if parent.is_dir() else []
+
+
 def workload_cgroup(name: str, root: Path | None = None) -> Path:
     """The cgroup `warden run` and discovery place a workload's processes in, created if absent."""
     path = warden_parent(root) / name

@@ -38,7 +38,7 @@ def detach_command(workloads: tuple[str, ...], remove_cgroups: bool) -> None:
             click.echo(f"{cgroup}: detached {count} program(s)")
             detached += count
     click.echo(f"detached {detached} program(s) in all")
-    if remove_cgroups and parent.is_dir():
-        for cgroup in targets if workloads else sorted(p for p in parent.iterdir() if p.is_dir()):
+    if remove_cgroups:
+        for cgroup in targets if workloads else cgroups.workload_cgroups(root):
             cgroups.remove(cgroup)
             click.echo(f"{cgroup}: removed")
