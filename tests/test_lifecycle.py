@@ -15,7 +15,7 @@ import pytest
 from agent import cgroups
 from agent.daemon import Agent
 from agent.events import EventBus, JsonLinesSink
-from agent.kernel.loader import attached_warden_programs, remove_pins
+from agent.kernel.loader import KernelPrograms, attached_warden_programs, remove_pins
 from agentproc import REPO, ROUTER, WARDEN, complete_lines, outcome, unique_name, workload_policy, write_policy
 from agent.lab.network import Lab
 
@@ -343,6 +343,15 @@ def test_run_as_another_user(lab, start_agent, names):
 def test_run_refuses_a_workload_the_agent_does_not_guard():
     out = subprocess.run([*WARDEN, "run", unique_name("unguarded"), "--", "true"], capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 1 and "not enforced" in out.stderr
+
+
+def test_a_program_set_that_fails_to_compile_leaves_no_pin_directory(tmp_path):
+    broken = tmp_path / "warden.bpf.c"
+    broken.write_text((REPO / "bpf" / "warden.bpf.c").read_text() + "\nthis is not C;\n")
+    pin_dir = Path("/sys/fs/bpf") / f"ew-test-{unique_name('broken')}"
+    with pytest.raises(Exception, match="[Cc]ompile"):
+        KernelPrograms(source=broken, pin_dir=pin_dir)
+    assert not pin_dir.exists()
 
 
 def test_startup_duration_is_logged(start_agent, names):

@@ -105,10 +105,18 @@ class KernelPrograms:
 
         started = time.monotonic()
         self.pin_dir = Path(pin_dir)
+        pin_dir_is_new = not self.pin_dir.exists()
         self.pin_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         check_pinned_maps(self.pin_dir)
-        self._bpf = BPF(src_file=str(source).encode(),
-                        cflags=["-Wno-macro-redefined", f'-DEW_PIN_DIR="{self.pin_dir}"'])
+        try:
+            self._bpf = BPF(src_file=str(source).encode(),
+                            cflags=["-Wno-macro-redefined", f'-DEW_PIN_DIR="{self.pin_dir}"'])
+        except Exception:
+            # bcc pins each map as it creates it, so the directory must exist first; one this
+            # load made holds nobody's counters when the load fails.
+            if pin_dir_is_new:
+                remove_pins(self.pin_dir)
+            raise
         self._hooks = _hooks()
         self._functions = {
             h.function: self._bpf.load_func(h.function.encode(), h.prog_type, attach_type=h.attach_type)
