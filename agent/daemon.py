@@ -107,6 +107,9 @@ class Agent:
         self._cgroup_root = cgroups.cgroup2_root()
         self._never_adopt = {os.getpid(), *(p.pid for p in psutil.Process().parents())}
         self.traffic = TrafficWatch(self._name_for)
+        # The meter has a lock of its own so that a long tick (every counter new after a start:
+        # 65,536 take 0.14-0.3 s) never holds back the verdicts and kills under self._lock.
+        self._traffic_lock = threading.Lock()
         self._hooks = HookRunner(self._on_hook_finished, hook_timeout)
         self._accounting_failure: BaseException | None = None
 
@@ -551,38 +554,44 @@ class Agent:
     def traffic_by_process(self) -> list[ProcessTraffic]:
         """Per process (pid, comm, workload): bytes, packets and rate per destination, as of
         the last tick (one a second)."""
-        with self._lock:
+        with self._traffic_lock:
             return self.traffic.processes()
 
     def traffic_by_workload(self) -> dict[str, list[DestinationTraffic]]:
         with self._lock:
-            return {name: self.traffic.destinations(name) for name in self.workloads}
+            names = list(self.workloads)
+        with self._traffic_lock:
+            return {name: self.traffic.destinations(name) for name in names}
 
     def _account_traffic_every_second(self) -> None:
         """On a thread of its own: reading a full counter map takes about 0.1 s (65,536
         counters, bench/accounting.py), which on the main loop would hold back the verdicts
-        it acts on, kills included. Only the tick itself takes the lock. A failure stops the
-        agent, from the main loop, as it did when the accounting ran there."""
+        it acts on, kills included. The tick takes the meter's lock, and the agent's only to act
+        on what it found. A failure stops the agent, from the main loop, as it did when the
+        accounting ran there."""
         try:
             while True:
-                changes = self.kernel.traffic_changes()
-                with self._lock:
-                    self._account_traffic(changes)
+                self._account_traffic(self.kernel.traffic_changes())
                 if self._stop.wait(_ACCOUNTING_SECONDS):
                     return
         except BaseException as failure:
             self._accounting_failure = failure
 
     def _account_traffic(self, changes: TrafficChanges) -> None:
-        by_index = {w.index: w.spec for w in self.workloads.values()}
-        crossings, anomalies = self.traffic.tick(changes.changed, by_index, time.monotonic(), changes.gone)
-        for crossing in crossings:
-            self._on_budget_crossed(crossing)
-        for anomaly in anomalies:
-            self._on_anomaly(anomaly)
+        with self._lock:
+            by_index = {w.index: w.spec for w in self.workloads.values()}
+        with self._traffic_lock:
+            crossings, anomalies = self.traffic.tick(changes.changed, by_index, time.monotonic(), changes.gone)
+        with self._lock:
+            for crossing in crossings:
+                self._on_budget_crossed(crossing)
+            for anomaly in anomalies:
+                self._on_anomaly(anomaly)
 
     def _on_budget_crossed(self, crossing: BudgetCrossing) -> None:
-        running = self.workloads[crossing.workload]
+        running = self.workloads.get(crossing.workload)
+        if running is None:  # a reload took the workload out of the policy during the tick
+            return
         budget = crossing.budget
         acting = budget.action != "alert" and running.spec.mode == "enforce"
         event = self._publish(Event(
@@ -591,7 +600,7 @@ class Agent:
             detail={"budget": {"fqdn": budget.fqdn, "cidr": budget.cidr, "bytes_per_minute": budget.bytes_per_minute,
                                "action": budget.action},
                     "window_seconds": crossing.window_seconds, "destinations": list(crossing.destinations),
-                    "processes": self.traffic.top_processes(crossing.workload, crossing.destinations),
+                    "processes": self._top_processes(crossing),
                     **({} if acting or budget.action == "alert" else {"action_not_taken": "monitor mode"})}))
         if not acting or running.quarantined:
             return
@@ -599,6 +608,10 @@ class Agent:
             self.kill(crossing.workload, cause=event)
         elif budget.action == "quarantine":
             self.quarantine(crossing.workload, cause=event)
+
+    def _top_processes(self, crossing: BudgetCrossing) -> list[dict]:
+        with self._traffic_lock:
+            return self.traffic.top_processes(crossing.workload, crossing.destinations)
 
     def _on_anomaly(self, anomaly: Anomaly) -> None:
         d = anomaly.destination

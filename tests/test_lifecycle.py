@@ -196,6 +196,41 @@ def wait_for_event(events: Path, predicate, timeout: float = 10) -> dict:
     raise AssertionError(f"no matching event in {events.read_text()}")
 
 
+class HeldTraffic:
+    """The agent's TrafficWatch, with its tick held until the test lets it go: a stand-in for
+    a tick over a full counter map (65,536 new counters take 0.14-0.3 s), made to last as long
+    as the test needs so that what the test shows does not depend on timing."""
+
+    def __init__(self, watch):
+        self._watch = watch
+        self.entered, self.release = threading.Event(), threading.Event()
+
+    def tick(self, *args, **kwargs):
+        self.entered.set()
+        self.release.wait(timeout=30)
+        return self._watch.tick(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._watch, name)
+
+
+def test_a_long_traffic_tick_does_not_hold_back_a_kill(lab, in_process_agent, names):
+    wl = names[0]
+    lab.serve(Lab.ATTACKER4, 443)
+    agent, events = in_process_agent(allow_provider(wl, on_violation="kill"), [wl])
+    held = agent.traffic = HeldTraffic(agent.traffic)
+    try:
+        assert held.entered.wait(timeout=5), "the accounting thread did not tick"
+        router = lab.run_in_router([*WARDEN, "run", wl, "--", sys.executable, ROUTER, "tcp", Lab.ATTACKER4, "443"],
+                                   stdout=-1, stderr=-1, cwd=REPO)
+        kill = wait_for_event(events, lambda e: e["kind"] == "action_kill")
+        assert not held.release.is_set()  # the kill came while the tick was still running
+        assert router.wait(timeout=5) == -signal.SIGKILL
+        assert router.pid in kill["detail"]["pids"]
+    finally:
+        held.release.set()
+
+
 def test_quarantine_freezes_keeps_evidence_and_release_restores(lab, in_process_agent, names):
     wl = names[0]
     provider = lab.serve(Lab.PROVIDER4, 443)
