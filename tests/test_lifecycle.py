@@ -380,11 +380,22 @@ def test_run_refuses_a_workload_the_agent_does_not_guard():
     assert out.returncode == 1 and "not enforced" in out.stderr
 
 
-def test_a_program_set_that_fails_to_compile_leaves_no_pin_directory(tmp_path):
+SOCK_CREATE = "int ew_sock_create(struct bpf_sock *sk) {"
+
+
+@pytest.mark.parametrize("breakage, error", [
+    (lambda source: source + "\nthis is not C;\n", "[Cc]ompile"),
+    # compiles, and bcc pins the maps, but the verifier refuses a read past struct bpf_sock
+    (lambda source: source.replace(SOCK_CREATE, SOCK_CREATE + " if (*((volatile u32 *)sk + 1024)) return 0;"),
+     "ew_sock_create"),
+], ids=["compile", "verifier"])
+def test_a_program_set_that_fails_to_load_leaves_no_pin_directory(tmp_path, breakage, error):
+    source = (REPO / "bpf" / "warden.bpf.c").read_text()
+    assert SOCK_CREATE in source
     broken = tmp_path / "warden.bpf.c"
-    broken.write_text((REPO / "bpf" / "warden.bpf.c").read_text() + "\nthis is not C;\n")
+    broken.write_text(breakage(source))
     pin_dir = Path("/sys/fs/bpf") / f"ew-test-{unique_name('broken')}"
-    with pytest.raises(Exception, match="[Cc]ompile"):
+    with pytest.raises(Exception, match=error):
         KernelPrograms(source=broken, pin_dir=pin_dir)
     assert not pin_dir.exists()
 

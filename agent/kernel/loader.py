@@ -108,22 +108,23 @@ class KernelPrograms:
         pin_dir_is_new = not self.pin_dir.exists()
         self.pin_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         check_pinned_maps(self.pin_dir)
+        self._hooks = _hooks()
         try:
             self._bpf = BPF(src_file=str(source).encode(),
                             cflags=["-Wno-macro-redefined", f'-DEW_PIN_DIR="{self.pin_dir}"'])
+            self._functions = {
+                h.function: self._bpf.load_func(h.function.encode(), h.prog_type, attach_type=h.attach_type)
+                for h in self._hooks
+            }
+            self._fold = self._bpf.load_func(b"ew_fold", BPF.SOCKET_FILTER)
         except Exception:
-            # bcc pins each map as it creates it, so the directory must exist first; one this
-            # load made holds nobody's counters when the load fails.
+            # bcc pins each map as it creates it (before any program is verified), so the
+            # directory must exist first; one this load made holds nobody's counters when the
+            # compile or a program's verification fails.
             if pin_dir_is_new:
                 remove_pins(self.pin_dir)
             raise
-        self._hooks = _hooks()
-        self._functions = {
-            h.function: self._bpf.load_func(h.function.encode(), h.prog_type, attach_type=h.attach_type)
-            for h in self._hooks
-        }
         self._own_ids = {bpfsys.program_id(f.fd) for f in self._functions.values()}
-        self._fold = self._bpf.load_func(b"ew_fold", BPF.SOCKET_FILTER)
         self._guard_fd = lib.bpf_table_fd(self._bpf.module, b"guard")
         self._cpus = len(get_possible_cpus())  # a per-CPU value holds one copy for each
         self._allow = self._bpf[b"allow"]
