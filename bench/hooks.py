@@ -9,7 +9,10 @@ between cgroups and makes a block of connects (connect + reset close) in each, i
 - empty: programs that return at once at sock_create, connect4 and egress, the hooks a
   connect passes (what running cgroup programs costs at all);
 - warden: the agent's whole program set (bpf/warden.bpf.c), guarding the cgroup with an
-  allowlist of the one provider, loaded in this process (no agent runs);
+  allowlist of the one provider, loaded in this process (no agent runs), its socket slots
+  folded before each repeat as a running agent folds them every second: a slot not folded
+  since its last socket makes the connect hook read it before rewriting it (a cache miss,
+  90 ns with the statistics on), which no running agent leaves;
 - nftables: no program, an output-hook rule set accepting the provider and dropping all
   else for that cgroup (`socket cgroupv2`), when nft is installed.
 One process throughout, so the ratios carry no difference between processes (two identical
@@ -34,7 +37,7 @@ import subprocess
 import sys
 from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 # first: puts tests/ and the repository root on sys.path
 from common import argument_parser, parse, progress, report
@@ -105,14 +108,14 @@ def empty_programs(cgroup: Path) -> Iterator[dict[str, int]]:
 
 
 @contextmanager
-def warden_programs(cgroup: Path) -> Iterator[dict[str, int]]:
+def warden_programs(cgroup: Path) -> Iterator[KernelPrograms]:
     pin_dir = Path("/sys/fs/bpf") / f"ew-bench-{secrets.token_hex(4)}"
     programs = KernelPrograms(pin_dir=pin_dir)
     try:
         programs.set_workload(0, mode="enforce", quarantined=False)
         programs.replace_allowlist(0, [AllowEntry(ipaddress.ip_network(f"{Lab.PROVIDER4}/32"), "tcp", PROVIDER_PORT)])
         programs.guard(cgroup, cgroups.cgroup_id(cgroup), 0)
-        yield programs.hook_programs
+        yield programs
     finally:
         detach_all(cgroup)
         programs.close()
@@ -134,13 +137,15 @@ def nftables_rules(lab: Lab, cgroup: Path) -> None:
 WARM_UP_CYCLES = 2  # before each repeat's measured cycles: first connects, caches
 
 
-def measure(lab: Lab, places: dict[str, Path], cycles: int, block: int, repeats: int) -> dict[str, list[float]]:
+def measure(lab: Lab, places: dict[str, Path], cycles: int, block: int, repeats: int,
+            before_each_repeat: Callable[[], object]) -> dict[str, list[float]]:
     """name -> its ratio against "plain" in each repeat."""
     client_cpu, _ = client_and_server_cpus()
     argv = pinned(client_cpu, [sys.executable, "-c", MOVING_CLIENT, Lab.PROVIDER4, str(PROVIDER_PORT)])
     names = list(places)
     ratios: dict[str, list[float]] = {name: [] for name in names}
     for repeat in range(repeats):
+        before_each_repeat()
         client = lab.run_in_router(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         try:
             request = {"cgroups": [str(places[n]) for n in names], "block": block}
@@ -221,8 +226,8 @@ def main() -> None:
         start_accept_server(lab, client_and_server_cpus()[1])
         parent = stack.enter_context(cgroup_dir(cgroups.cgroup2_root(), f"ew-bench-hooks-{secrets.token_hex(3)}"))
         places = {name: stack.enter_context(cgroup_dir(parent, name)) for name in ("plain", "empty", "warden")}
-        programs = {"empty": stack.enter_context(empty_programs(places["empty"])),
-                    "warden": stack.enter_context(warden_programs(places["warden"]))}
+        warden = stack.enter_context(warden_programs(places["warden"]))
+        programs = {"empty": stack.enter_context(empty_programs(places["empty"])), "warden": warden.hook_programs}
         if shutil.which("nft"):
             places["nftables"] = stack.enter_context(cgroup_dir(parent, "nftables"))
             nftables_rules(lab, places["nftables"])
@@ -230,7 +235,8 @@ def main() -> None:
             progress("nft is not installed: no nftables comparison (Debian package nftables)")
         with kernel_bpf_stats() if arguments.program_times else nullcontext():
             before = run_totals(programs)
-            ratios = measure(lab, places, arguments.cycles, arguments.block_size, arguments.repeats)
+            ratios = measure(lab, places, arguments.cycles, arguments.block_size, arguments.repeats,
+                             warden.traffic_changes)
             after = run_totals(programs)
     if not arguments.program_times:
         report(arguments.output, ratios, table(ratios))
