@@ -3,8 +3,9 @@
 #
 #   scripts/install.sh                      install or upgrade on this host
 #   scripts/install.sh --root DIR           install into another root (an image, a test)
-#   scripts/install.sh --uninstall [--purge] remove what it installed and detach the
-#                                           programs; --purge also removes state and logs
+#   scripts/install.sh --uninstall [--purge] remove what it installed, detach the programs
+#                                           and free their pinned maps; --purge also
+#                                           removes state and logs
 #
 # What it installs (all under --root, default /):
 #   /opt/egress-warden/app     the agent's code (agent/, bpf/, proto/)
@@ -150,8 +151,9 @@ uninstall_everything() {
     systemctl disable --now egress-warden.service egress-warden-collector.service 2>/dev/null || true
   fi
   if on_this_host; then
-    # Stopping leaves the programs attached (fail closed); removal must take them off.
-    "$prefix/venv/bin/warden" detach && say "detached every Egress Warden program"
+    # Stopping leaves the programs attached (fail closed) and the byte counters pinned
+    # (28 MiB of kernel memory): removal must take both away.
+    "$prefix/venv/bin/warden" detach --remove-pins && say "detached every Egress Warden program, removed its pinned maps"
   else
     say "not detaching programs: they live in this host's kernel, not in $root"
   fi

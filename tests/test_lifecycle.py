@@ -436,11 +436,16 @@ def test_detach_ends_enforcement_on_purpose(lab, start_agent, names):
     probe = start_router(lab, ["sh", "-c", f'echo $$ > {cgroup}/cgroup.procs && exec "$0" "$@"',
                                sys.executable, ROUTER, "tcp", Lab.ATTACKER4, "443"])
     assert read_json(probe)["ok"]
-    # An uninstall also takes the cgroup away, killing what still runs in it.
+    # An uninstall also takes the cgroup away, killing what still runs in it, and frees the
+    # kernel memory the byte counters keep pinned after the agent is gone.
     left = subprocess.Popen(["sh", "-c", f'echo $$ > {cgroup}/cgroup.procs && echo in && exec sleep 60'],
                             stdout=subprocess.PIPE, text=True)
     assert left.stdout.readline() == "in\n"
-    out = subprocess.run([*WARDEN, "detach", "--remove-cgroups", wl], capture_output=True, text=True, cwd=REPO)
+    assert sorted(p.name for p in agent.pin_dir.iterdir()) == ["sock_owners", "sock_slots", "traffic"]
+    out = subprocess.run([*WARDEN, "detach", "--remove-cgroups", "--remove-pins", "--pin-dir", str(agent.pin_dir), wl],
+                         capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 0 and f"{cgroup}: removed" in out.stdout
+    assert f"{agent.pin_dir}: removed 3 pinned map(s)" in out.stdout
     assert not cgroup.exists()
     assert left.wait(timeout=5) == -signal.SIGKILL
+    assert not agent.pin_dir.exists()

@@ -7,20 +7,30 @@ from pathlib import Path
 import click
 
 from agent import cgroups
-from agent.kernel.loader import detach_all
+from agent.kernel.loader import DEFAULT_PIN_DIR, PINNED_MAPS, detach_all, remove_pins
 
 
 @click.command("detach")
 @click.argument("workloads", nargs=-1)
 @click.option("--remove-cgroups", is_flag=True,
               help="Also kill the processes left in the egress-warden cgroups and remove the cgroups.")
-def detach_command(workloads: tuple[str, ...], remove_cgroups: bool) -> None:
+@click.option("--remove-pins", "remove_pins_too", is_flag=True,
+              help="Also remove the pinned byte counters and socket owners from --pin-dir, which hold "
+                   "kernel memory (28 MiB) until removed; a later agent counts from zero.")
+@click.option("--pin-dir", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_PIN_DIR,
+              show_default=True, help="Where the agent pinned its maps (its --pin-dir).")
+def detach_command(workloads: tuple[str, ...], remove_cgroups: bool, remove_pins_too: bool, pin_dir: Path) -> None:
     """Detach Egress Warden programs: from the named WORKLOADS' egress-warden cgroups,
     or, with no name, from every cgroup (including systemd units a policy named).
 
     The agent leaves its programs attached when it stops, so workloads stay
     enforced (fail closed). This command is how enforcement is ended on purpose,
     for an uninstall. Stop the agent first, or it keeps enforcing what it knows.
+
+    \b
+    warden detach                           end enforcement everywhere
+    warden detach litellm                   only the litellm workload's cgroup
+    warden detach --remove-pins             uninstall: also free the pinned maps
     """
     root = cgroups.cgroup2_root()
     parent = cgroups.warden_parent(root)
@@ -42,3 +52,7 @@ def detach_command(workloads: tuple[str, ...], remove_cgroups: bool) -> None:
         for cgroup in targets if workloads else cgroups.workload_cgroups(root):
             cgroups.remove(cgroup)
             click.echo(f"{cgroup}: removed")
+    if remove_pins_too:
+        pinned = [name for name in PINNED_MAPS if (pin_dir / name).exists()]
+        remove_pins(pin_dir)
+        click.echo(f"{pin_dir}: removed {len(pinned)} pinned map(s)" + (f" ({', '.join(pinned)})" if pinned else ""))
