@@ -255,6 +255,21 @@ def test_the_spool_bound_drops_the_oldest_and_a_resume_learns_how_many(lab, star
         assert read_all(api, batched, since_seq=lost.seq)[0].seq == spool.oldest_seq
 
 
+def test_the_events_file_rotates_by_size_and_the_spool_keeps_every_event(lab, start_agent, names):
+    wl = names[0]
+    agent = start_agent(policy(wl), [wl], agent_args=["--events-max-bytes", "20000", "--events-keep", "2"])
+    flood(lab, agent, wl, seconds=10, count=400).wait(timeout=30)
+    settle(agent)
+    path = agent.events_file
+    files = [path.with_name(f"{path.name}.2"), path.with_name(f"{path.name}.1"), path]
+    assert all(f.exists() and f.stat().st_size <= 20000 for f in files)
+    assert not path.with_name(f"{path.name}.3").exists()  # beyond --events-keep: deleted
+    seqs = [json.loads(line)["seq"] for f in files for line in f.read_text().splitlines()]  # whole lines only
+    assert seqs[0] > 1 and seqs == list(range(seqs[0], seqs[-1] + 1))  # the newest, in order, none missing
+    with unix_stub(agent) as api:
+        assert [e.seq for e in read_all(api, since_seq=0)] == list(range(1, seqs[-1] + 1))  # the spool: all
+
+
 def test_event_batches_carry_what_watch_events_does_filters_included(lab, start_agent, names):
     wl = names[0]
     agent = start_agent(policy(wl), [wl])

@@ -15,6 +15,7 @@ import pytest
 from agent import cgroups
 from agent.daemon import Agent
 from agent.events import EventBus, JsonLinesSink
+from agent.events.lines import LinesOutput
 from agent.kernel.loader import KernelPrograms, attached_warden_programs, remove_pins
 from agentproc import REPO, ROUTER, WARDEN, complete_lines, outcome, unique_name, workload_policy, write_policy
 from agent.lab.network import Lab
@@ -167,7 +168,7 @@ def in_process_agent(tmp_path):
     def make(policy_text: str, workloads: list[str]) -> tuple[Agent, Path]:
         events = tmp_path / "events.jsonl"
         bus = EventBus("test-agent", tmp_path)
-        bus.subscribe(JsonLinesSink(open(events, "a")))
+        bus.subscribe(JsonLinesSink(LinesOutput(events)))
         agent = Agent(write_policy(tmp_path / "policy.yaml", policy_text), tmp_path, bus,
                       pin_dir=Path("/sys/fs/bpf") / f"ew-test-{unique_name('inproc')}")
         agent.start()

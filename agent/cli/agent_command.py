@@ -10,15 +10,14 @@ import sqlite3
 import sys
 import time
 from pathlib import Path
-from typing import TextIO
 
 import click
 
 from agent.actions.hooks import DEFAULT_TIMEOUT_SECONDS
 from agent.cli.sdnotify import notify
-from agent.cli.values import DURATION, PEM_FILE, SIZE
+from agent.cli.values import DURATION, PEM_FILE, SIZE, SIZE_OR_ZERO
 from agent.events import EventBus, JsonLinesSink
-from agent.events.lines import drop_torn_line
+from agent.events.lines import ROTATE_AT_BYTES, ROTATED_KEPT, LinesOutput
 from agent.events.spool import SPOOL_FILE, Spool, SpoolAhead
 from agent.kernel.loader import DEFAULT_PIN_DIR
 from agent.policy import PolicyError
@@ -32,6 +31,12 @@ DEFAULT_SOCKET = Path("/run/egress-warden/agent.sock")
               help="Policy file (YAML, version 1). Must be owned by root and not writable by others.")
 @click.option("--events-file", type=click.Path(dir_okay=False, path_type=Path),
               help="Append every event as one JSON line here (default: standard output).")
+@click.option("--events-max-bytes", type=SIZE_OR_ZERO, default=str(ROTATE_AT_BYTES),
+              show_default=f"{ROTATE_AT_BYTES // 10**6}MB",
+              help="Rotate --events-file before it would pass this size: it moves to FILE.1 (FILE.1 to "
+                   "FILE.2, ...). 0: never. The spool, not this file, is what collectors resume from.")
+@click.option("--events-keep", type=click.IntRange(min=1), default=ROTATED_KEPT, show_default=True,
+              help="Rotated --events-file files kept; older ones are deleted.")
 @click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_STATE_DIR,
               show_default=True, help="Where state that outlives a restart is kept (event sequence numbers, the event spool).")
 @click.option("--agent-id", default=socket.gethostname(), show_default="host name",
@@ -60,10 +65,10 @@ DEFAULT_SOCKET = Path("/run/egress-warden/agent.sock")
               "the figures name workloads and destinations.")
 @click.option("--hook-timeout", type=click.FloatRange(min=0.1), default=DEFAULT_TIMEOUT_SECONDS, show_default=True,
               help="Seconds a policy hook executable may run before it is killed (reported in hook_finished).")
-def agent_command(policy_path: Path, events_file: Path | None, state_dir: Path, agent_id: str, socket_path: Path,
-                  socket_group: str, listen: str | None, tls_cert: Path | None, tls_key: Path | None,
-                  tls_client_ca: Path | None, spool_max_bytes: int, spool_max_age: float, pin_dir: Path,
-                  metrics_listen: str, hook_timeout: float) -> None:
+def agent_command(policy_path: Path, events_file: Path | None, events_max_bytes: int, events_keep: int,
+                  state_dir: Path, agent_id: str, socket_path: Path, socket_group: str, listen: str | None,
+                  tls_cert: Path | None, tls_key: Path | None, tls_client_ca: Path | None, spool_max_bytes: int,
+                  spool_max_age: float, pin_dir: Path, metrics_listen: str, hook_timeout: float) -> None:
     """Run the agent in the foreground: enforce the policy, report every decision.
 
     \b
@@ -72,8 +77,9 @@ def agent_command(policy_path: Path, events_file: Path | None, state_dir: Path, 
                event) and the policy in force stays
       SIGTERM  stop; the kernel programs stay attached, so the workloads remain
                enforced (fail closed) until an agent takes them over again
-    Logs go to standard error; events to --events-file or standard output, and to
-    the spool (STATE_DIR/events.db) that `warden events` and collectors read.
+    Logs go to standard error; events to --events-file (rotated by size) or standard
+    output, and to the spool (STATE_DIR/events.db) that `warden events` and
+    collectors read.
     Under systemd (Type=notify) READY=1 is sent once the programs are attached,
     the policy is enforced and the API is served.
     """
@@ -91,7 +97,7 @@ def agent_command(policy_path: Path, events_file: Path | None, state_dir: Path, 
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s")
     started_at = time.time()
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    stream = _open_events_file(events_file) if events_file else sys.stdout
+    lines = LinesOutput(events_file, events_max_bytes, events_keep, _say_torn_line_dropped)
     bus = EventBus(agent_id, state_dir)
     try:
         spool = Spool(state_dir, first_seq=bus.first_seq, max_bytes=spool_max_bytes, max_age_seconds=spool_max_age)
@@ -103,7 +109,7 @@ def agent_command(policy_path: Path, events_file: Path | None, state_dir: Path, 
         click.echo(f"warden agent: {state_dir}: {e}", err=True)
         sys.exit(1)
     bus.subscribe(spool.append)  # first: every event is queued for the spool before anyone acts on it
-    bus.subscribe(JsonLinesSink(stream))
+    bus.subscribe(JsonLinesSink(lines))
     if spool.crash_gap:
         bus.publish(spool.crash_gap.event())
     agent = Agent(policy_path, state_dir, bus, pin_dir=pin_dir, hook_timeout=hook_timeout)
@@ -155,14 +161,10 @@ def _tls_files(listen: str | None, cert: Path | None, key: Path | None, client_c
     return TlsFiles(cert, key, client_ca)
 
 
-def _open_events_file(path: Path) -> TextIO:
-    """For appending, after the part of a line an agent killed in the middle of a write left."""
-    dropped = drop_torn_line(path)
-    if dropped:
-        logging.warning("%s ended in %d bytes of an event line cut off when the agent was last stopped; dropped "
-                        "them (the spool has that event, or the events_lost event after a kill names its seq)",
-                        path, dropped)
-    return open(path, "a", encoding="utf-8")
+def _say_torn_line_dropped(path: Path, dropped: int) -> None:
+    logging.warning("%s ended in %d bytes of an event line cut off when the agent was last stopped; dropped "
+                    "them (the spool has that event, or the events_lost event after a kill names its seq)",
+                    path, dropped)
 
 
 def _check_group(name: str) -> None:

@@ -76,7 +76,7 @@ def collector_command(ctx: click.Context, config_path: Path | None, **flags) -> 
       agents:
         - {name: inference-1, address: 10.0.0.11:7443}
         - {name: inference-2, address: 10.0.0.12:7443, server_name: inference-2.internal}
-      jsonl: {path: /var/log/egress-warden/events.jsonl, max_bytes: 100MB, keep: 5}
+      jsonl: {path: /var/log/egress-warden-collector/events.jsonl, max_bytes: 100MB, keep: 5}
       listen: 127.0.0.1:9465
     \b
     Health: `warden collector status`, or scrape http://LISTEN/metrics.

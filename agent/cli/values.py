@@ -38,5 +38,6 @@ class _Parsed(click.ParamType):
 
 
 SIZE = _Parsed("SIZE", values.size)  # 256MiB, 1GB, 1000000
+SIZE_OR_ZERO = _Parsed("SIZE", values.size_or_zero)  # the same, or 0 for "never"
 DURATION = _Parsed("DURATION", duration_seconds)  # 90s, 15m, 7d
 PEM_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)  # a certificate or key, checked to exist

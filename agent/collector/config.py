@@ -10,7 +10,7 @@
         address: 10.0.0.11:7443              # the agent's --listen address
         server_name: inference-1.internal    # optional: the name its certificate carries
     jsonl:                                   # optional JSON lines for a SIEM shipper
-      path: /var/log/egress-warden/events.jsonl   # or "-" for stdout
+      path: /var/log/egress-warden-collector/events.jsonl   # or "-" for stdout
       max_bytes: 100MB                       # rotate beyond this size (0: never)
       keep: 5                                # rotated files kept
     listen: 127.0.0.1:9465                   # /metrics (Prometheus) and /status
@@ -24,7 +24,8 @@ from typing import Any
 
 import yaml
 
-from agent.policy.values import size
+from agent.events.lines import ROTATE_AT_BYTES, ROTATED_KEPT
+from agent.policy.values import size_or_zero
 
 DEFAULT_STORE = "/var/lib/egress-warden/collector.db"
 DEFAULT_LISTEN = "127.0.0.1:9465"
@@ -52,8 +53,8 @@ class TlsFiles:
 @dataclass(frozen=True)
 class JsonLines:
     path: str
-    max_bytes: int = 100 * 10**6
-    keep: int = 5
+    max_bytes: int = ROTATE_AT_BYTES
+    keep: int = ROTATED_KEPT
 
 
 @dataclass(frozen=True)
@@ -141,7 +142,7 @@ def load_config(path: Path) -> CollectorConfig:
         jsonl = _require(data, "jsonl", dict, where)
         try:
             max_bytes = jsonl.get("max_bytes", JsonLines.max_bytes)
-            max_bytes = 0 if max_bytes == 0 else size(str(max_bytes))
+            max_bytes = size_or_zero(str(max_bytes))
         except ValueError as e:
             raise ConfigError(f"{where}: jsonl.max_bytes: {e}") from None
         keep = jsonl.get("keep", JsonLines.keep)

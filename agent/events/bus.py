@@ -7,8 +7,9 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Callable, TextIO
+from typing import Callable
 
+from agent.events.lines import LinesOutput
 from agent.events.model import Event
 from agent.events.sequence import SequenceAllocator
 
@@ -45,9 +46,8 @@ class EventBus:
 class JsonLinesSink:
     """One JSON object per line, flushed per event so a reader never waits on a buffer."""
 
-    def __init__(self, stream: TextIO) -> None:
-        self._stream = stream
+    def __init__(self, output: LinesOutput) -> None:
+        self._output = output
 
     def __call__(self, event: Event) -> None:
-        self._stream.write(event.to_json() + "\n")
-        self._stream.flush()
+        self._output.write(event.to_json() + "\n")

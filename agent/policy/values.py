@@ -71,6 +71,11 @@ def size(text: str) -> int:
     return positive_bytes(int(Decimal(number) * SIZE_UNITS[unit]))
 
 
+def size_or_zero(text: str) -> int:
+    """A size as `size` reads it, or 0, which a setting can take to mean "never"."""
+    return 0 if text.strip() == "0" else size(text)
+
+
 def positive_bytes(count: int) -> int:
     if count <= 0:
         raise ValueError(f"must be more than 0 bytes, got {count}")
