@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from agent import cgroups
-from agent.kernel.loader import DEFAULT_PIN_DIR, PINNED_MAPS, detach_all, remove_pins
+from agent.kernel.loader import DEFAULT_PIN_DIR, detach_all, remove_pins
 
 
 @click.command("detach")
@@ -53,6 +53,5 @@ def detach_command(workloads: tuple[str, ...], remove_cgroups: bool, remove_pins
             cgroups.remove(cgroup)
             click.echo(f"{cgroup}: removed")
     if remove_pins_too:
-        pinned = [name for name in PINNED_MAPS if (pin_dir / name).exists()]
-        remove_pins(pin_dir)
-        click.echo(f"{pin_dir}: removed {len(pinned)} pinned map(s)" + (f" ({', '.join(pinned)})" if pinned else ""))
+        removed = remove_pins(pin_dir)
+        click.echo(f"{pin_dir}: removed {len(removed)} pinned map(s)" + (f" ({', '.join(removed)})" if removed else ""))

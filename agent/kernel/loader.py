@@ -487,14 +487,21 @@ def check_pinned_maps(pin_dir: Path) -> None:
             f"the byte counters) or start the agent with another --pin-dir")
 
 
-def remove_pins(pin_dir: Path) -> None:
-    """Forget the pinned maps (byte counters and socket owners) and the directory if empty."""
+def remove_pins(pin_dir: Path) -> list[str]:
+    """Forget the pinned maps (byte counters and socket owners) and the directory if empty;
+    returns the names of the maps that were there."""
+    removed = []
     for name in PINNED_MAPS:
-        (pin_dir / name).unlink(missing_ok=True)
+        try:
+            (pin_dir / name).unlink()
+        except FileNotFoundError:
+            continue
+        removed.append(name)
     try:
         pin_dir.rmdir()
     except OSError:
         pass
+    return removed
 
 
 def attached_warden_programs(cgroup: Path) -> list[tuple[int, bpfsys.AttachedProgram]]:
