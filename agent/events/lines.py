@@ -67,9 +67,10 @@ class LinesOutput:
         file of its own)."""
         data = lines.encode()
         with self._lock:
-            if self._path is not None and self._max_bytes and 0 < self._file.tell() \
-                    and self._file.tell() + len(data) > self._max_bytes:
-                self._rotate()
+            if self._path is not None and self._max_bytes:
+                written = self._file.tell()
+                if 0 < written and written + len(data) > self._max_bytes:
+                    self._rotate()
             self._file.write(data)
             self._file.flush()
 
