@@ -25,6 +25,7 @@ from agent.dns.proxy import DnsProxy, WorkloadDns, parse_upstreams
 from agent.events import Destination, Event, EventBus, EventKind, ProcessInfo
 from agent.events.process import describe_process, forget_process
 from agent.actions.hooks import DEFAULT_TIMEOUT_SECONDS, HookOutcome, HookRunner
+from agent.actions.quarantines import QuarantineRecord
 from agent.events.repeats import RepeatFolder
 from agent.kernel.loader import DEFAULT_PIN_DIR, PORT_ANY, AllowEntry, KernelPrograms, TrafficChanges
 from agent.kernel.records import Kind, KernelRecord, Verdict
@@ -51,8 +52,12 @@ class RunningWorkload:
     index: int
     cgroup: Path  # egress-warden/NAME: where `warden run` and discovery put processes
     unit_cgroup: Path | None = None  # the systemd unit's own cgroup, once it exists
-    quarantined: bool = False
+    quarantined_since: float | None = None  # seconds since the epoch
     bound_ids: set[int] = field(default_factory=set)
+
+    @property
+    def quarantined(self) -> bool:
+        return self.quarantined_since is not None
 
     @property
     def cgroup_dirs(self) -> list[Path]:
@@ -112,6 +117,8 @@ class Agent:
         self._traffic_lock = threading.Lock()
         self._hooks = HookRunner(self._on_hook_finished, hook_timeout)
         self._accounting_failure: BaseException | None = None
+        self._quarantines = QuarantineRecord(self.state_dir)
+        self._quarantined_before: dict[str, float] = {}  # by the agent before this one
 
     # --- life cycle -------------------------------------------------------------------
 
@@ -120,12 +127,14 @@ class Agent:
         Returns the seconds from start to enforcing."""
         started = time.monotonic()
         policy = load_policy(self.policy_path)  # PolicyError: nothing to enforce, refuse to start
+        self._quarantined_before = self._quarantines.load()  # QuarantineRecordError: likewise
         self.kernel = KernelPrograms(pin_dir=self.pin_dir)
         self.kernel.on_record(self._on_record)
         self.dns = DnsProxy(self.kernel, self._dns_events)
         self.dns.start()
         with self._lock:
             self._apply(policy)
+            self._keep_earlier_quarantines()
         seconds = time.monotonic() - started
         log.info("enforcing %d workload(s) after %.2f s (programs compiled and loaded in %.2f s)",
                  len(self.workloads), seconds, self.kernel.load_seconds)
@@ -203,8 +212,11 @@ class Agent:
 
     def _apply(self, policy: Policy) -> Event:
         wanted = {w.name: w for w in policy.workloads}
-        for name in [n for n in self.workloads if n not in wanted]:
-            self._retire(self.workloads.pop(name))
+        retired = [self.workloads.pop(n) for n in list(self.workloads) if n not in wanted]
+        for running in retired:
+            self._retire(running)
+        if any(r.quarantined for r in retired):
+            self._save_quarantines()
         for spec in policy.workloads:
             self._enforce(spec)
         self.kernel.set_discovery(any(w.match.exe or w.match.cmdline for w in policy.workloads))
@@ -226,7 +238,8 @@ class Agent:
     def _enforce(self, spec: Workload) -> None:
         running = self.workloads.get(spec.name)
         if running is None:
-            running = RunningWorkload(spec, self._free_index(), cgroups.workload_cgroup(spec.name, self._cgroup_root))
+            running = RunningWorkload(spec, self._free_index(), cgroups.workload_cgroup(spec.name, self._cgroup_root),
+                                      quarantined_since=self._quarantined_before.get(spec.name))
             self.workloads[spec.name] = running
         running.spec = spec
         # Allowances first, then the generation bump, so the backstop re-judges sockets
@@ -523,18 +536,42 @@ class Agent:
         with self._lock:
             running = self._running(name)
             # Deny-all in the kernel first: it takes effect at once, freezing takes a moment.
-            running.quarantined = True
+            running.quarantined_since = running.quarantined_since or time.time()
             self.kernel.set_workload(running.index, mode=running.spec.mode, quarantined=True)
-            frozen = actions.freeze(running.cgroup_dirs)
-            evidence = [actions.evidence(pid) for pid in frozen]
-            return self._publish(Event(EventKind.ACTION_QUARANTINE, workload=name, action="quarantine",
-                                       detail={"frozen_pids": frozen, "evidence": evidence, **self._cause(cause)}))
+            self._save_quarantines()
+            return self._freeze_with_evidence(running, self._cause(cause))
+
+    def _freeze_with_evidence(self, running: RunningWorkload, cause: dict[str, Any]) -> Event:
+        frozen = actions.freeze(running.cgroup_dirs)
+        evidence = [actions.evidence(pid) for pid in frozen]
+        return self._publish(Event(EventKind.ACTION_QUARANTINE, workload=running.spec.name, action="quarantine",
+                                   detail={"frozen_pids": frozen, "evidence": evidence, **cause}))
+
+    def _keep_earlier_quarantines(self) -> None:
+        """Workloads the agent before this one quarantined stay so until released: their
+        programs were set to deny all before they were attached (_enforce), and here their
+        cgroups are frozen again (processes a reboot restarted, or a hand that thawed them)."""
+        for name, since in self._quarantined_before.items():
+            running = self.workloads.get(name)
+            if running is None:
+                log.warning("workload %s was quarantined when the agent before this one stopped and is not in the "
+                            "policy: its cgroup is left as it is", name)
+                continue
+            log.warning("workload %s stays quarantined (since %s): `warden release %s` ends it", name,
+                        time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(since)), name)
+            self._freeze_with_evidence(running, {"cause": "agent_restart", "quarantined_since": since})
+        self._quarantined_before = {}
+        self._save_quarantines()
+
+    def _save_quarantines(self) -> None:
+        self._quarantines.save({w.spec.name: w.quarantined_since for w in self.workloads.values() if w.quarantined})
 
     def release(self, name: str) -> Event:
         with self._lock:
             running = self._running(name)
-            running.quarantined = False
+            running.quarantined_since = None
             self.kernel.set_workload(running.index, mode=running.spec.mode, quarantined=False)
+            self._save_quarantines()
             actions.thaw(running.cgroup_dirs)
             return self._publish(Event(EventKind.ACTION_RELEASE, workload=name, action="release",
                                        detail={"pids": sorted(p for c in running.cgroup_dirs for p in cgroups.pids(c))}))

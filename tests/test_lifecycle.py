@@ -1,8 +1,10 @@
 """The agent over time: reloads, processes that predate it, violations and their actions,
 SIGKILL and restarts, escapes and overruns. Real kernel, real cgroups, real namespaces."""
+import ctypes
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -265,6 +267,94 @@ def test_quarantine_freezes_keeps_evidence_and_release_restores(lab, in_process_
     assert not cgroups.is_frozen(cgroups.warden_parent() / wl)
     intruder.wait(timeout=5)
     wait_for_event(events, lambda e: e["kind"] == "action_release")
+
+
+_PIDFD_GETFD = 438  # the same number on every architecture
+
+
+def take_socket(pid: int, fd: int, kind: int) -> socket.socket:
+    """A duplicate of another process's socket (pidfd_getfd), sendable from here while that
+    process is frozen: it stays its workload's socket, judged by the workload's policy."""
+    pidfd = os.pidfd_open(pid)
+    try:
+        taken = ctypes.CDLL(None, use_errno=True).syscall(_PIDFD_GETFD, pidfd, fd, 0)
+        if taken < 0:
+            raise OSError(ctypes.get_errno(), "pidfd_getfd")
+    finally:
+        os.close(pidfd)
+    return socket.socket(fileno=taken, type=kind)
+
+
+def datagram_arrives(router_socket: socket.socket, provider) -> bool:
+    before = provider.connections()
+    try:
+        router_socket.send(b"x")
+    except PermissionError:  # the backstop's verdict, returned to the sender
+        return False
+    deadline = time.monotonic() + 1
+    while time.monotonic() < deadline:
+        if provider.connections() > before:
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def warden(agent, *args: str) -> str:
+    """A `warden` command against the agent, as an operator runs it; its output."""
+    return subprocess.run([*WARDEN, *args], env={**os.environ, "WARDEN_SOCKET": str(agent.socket)}, cwd=REPO,
+                          capture_output=True, text=True, check=True).stdout
+
+
+def workload_state(agent, wl: str) -> str:
+    return next(w["state"] for w in json.loads(warden(agent, "workloads", "-o", "json")) if w["name"] == wl)
+
+
+def test_a_quarantine_outlasts_an_agent_restart(lab, start_agent, names):
+    """The restarted agent loads programs of its own: they must deny all from the moment they
+    are attached, not give the frozen router its allowances back until someone releases it."""
+    wl = names[0]
+    provider = lab.serve(Lab.PROVIDER4, 443, "udp")
+    agent = start_agent(allow_provider(wl, rules=f"{{cidr: {Lab.PROVIDER4}/32, ports: [443], protocol: udp}}"), [wl])
+    router = start_router(lab, agent.router_cmd(wl, "hold", Lab.PROVIDER4, "443", "--udp"))
+    held = read_json(router)
+    router_socket = take_socket(held["pid"], held["fd"], socket.SOCK_DGRAM)
+    assert datagram_arrives(router_socket, provider)
+
+    warden(agent, "quarantine", wl)
+    assert not datagram_arrives(router_socket, provider)
+
+    agent.kill9()
+    already = len(agent.events())
+    agent.start()
+    kept = agent.wait_for(lambda e: e["kind"] == "action_quarantine", after=already)
+    assert kept["detail"]["cause"] == "agent_restart" and kept["detail"]["frozen_pids"] == [held["pid"]]
+    assert not datagram_arrives(router_socket, provider)
+    assert cgroups.is_frozen(agent.cgroup(wl)) and workload_state(agent, wl) == "quarantined"
+
+    cgroups.thaw(agent.cgroup(wl))  # by hand, around the agent: a restart freezes it again
+    agent.stop()
+    agent.start()
+    assert cgroups.is_frozen(agent.cgroup(wl)) and not datagram_arrives(router_socket, provider)
+
+    warden(agent, "release", wl)
+    assert datagram_arrives(router_socket, provider)
+    agent.stop()
+    agent.start()
+    assert datagram_arrives(router_socket, provider) and workload_state(agent, wl) == "guarded"
+
+
+def test_an_unreadable_quarantine_record_stops_the_agent_before_it_changes_anything(tmp_path, names):
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "quarantined.json").write_text("{not json")
+    policy = write_policy(tmp_path / "policy.yaml", allow_provider(names[0]))
+    result = subprocess.run([*WARDEN, "agent", "--policy", str(policy), "--state-dir", str(state),
+                             "--pin-dir", str(tmp_path / "pins"), "--socket", str(tmp_path / "agent.sock"),
+                             "--metrics-listen", "off"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert f"{state / 'quarantined.json'}: not a quarantine record" in result.stderr
+    assert "move it aside" in result.stderr
+    assert not (cgroups.warden_parent() / names[0]).exists()
 
 
 def test_sigkilled_agent_leaves_enforcement_on(lab, start_agent, names):

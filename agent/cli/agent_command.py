@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 
 from agent.actions.hooks import DEFAULT_TIMEOUT_SECONDS
+from agent.actions.quarantines import QuarantineRecordError
 from agent.cli.sdnotify import notify
 from agent.cli.values import DURATION, PEM_FILE, SIZE, SIZE_OR_ZERO
 from agent.events import EventBus, JsonLinesSink
@@ -38,7 +39,8 @@ DEFAULT_SOCKET = Path("/run/egress-warden/agent.sock")
 @click.option("--events-keep", type=click.IntRange(min=1), default=ROTATED_KEPT, show_default=True,
               help="Rotated --events-file files kept; older ones are deleted.")
 @click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_STATE_DIR,
-              show_default=True, help="Where state that outlives a restart is kept (event sequence numbers, the event spool).")
+              show_default=True, help="Where state that outlives a restart is kept (event sequence numbers, the "
+                                      "event spool, which workloads are quarantined).")
 @click.option("--agent-id", default=socket.gethostname(), show_default="host name",
               help="The name this agent gives itself in events.")
 @click.option("--socket", "socket_path", type=click.Path(dir_okay=False, path_type=Path), default=DEFAULT_SOCKET,
@@ -123,6 +125,10 @@ def agent_command(policy_path: Path, events_file: Path | None, events_max_bytes:
     except PolicyError as e:
         spool.close()
         click.echo(f"warden agent: policy refused, nothing enforced:\n{e}", err=True)
+        sys.exit(1)
+    except QuarantineRecordError as e:
+        spool.close()
+        click.echo(f"warden agent: {e}", err=True)
         sys.exit(1)
     api = ApiServers(agent, bus, spool, started_at=started_at)
     if metrics_address:

@@ -4,8 +4,9 @@ A block of numbers is reserved on disk before any of it is handed out, so a cras
 at most a gap, never a repeat, and the disk is written once per block, not per event."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
+
+from agent.state import replace_file
 
 
 class SequenceAllocator:
@@ -23,12 +24,7 @@ class SequenceAllocator:
             return 0
 
     def _reserve(self, upto: int) -> None:
-        tmp = self._file.with_suffix(".tmp")
-        with open(tmp, "w") as f:
-            f.write(str(upto))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self._file)
+        replace_file(self._file, str(upto))
         self._reserved = upto
 
     def next(self) -> int:

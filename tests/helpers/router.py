@@ -8,8 +8,9 @@ the outcome as one JSON line ({"ok": true} or {"ok": false, "errno": N, "error":
     router.py raw                               open a raw IPv4 socket
     router.py fork-tcp HOST PORT                a forked child does `tcp`
     router.py exec-tcp HOST PORT                an exec'd child (a new python) does `tcp`
-    router.py hold HOST PORT                    connect, print {"connected": true}, then for each
-                                                line on stdin send that many bytes and print the outcome
+    router.py hold HOST PORT [--udp]            connect (a UDP socket with --udp), print {"connected": true},
+                                                then for each line on stdin send that many bytes and print
+                                                the outcome
     router.py probe HOST PORT --seconds S       try to connect every --interval seconds (default 5 ms)
                                                 for S seconds (or --count N attempts); count successes.
                                                 --spread N: to ports PORT..PORT+N-1 in turn (distinct
@@ -108,14 +109,14 @@ def exec_tcp(host: str, port: int, n: int) -> dict:
     return {**outcome, "child": child}
 
 
-def hold(host: str, port: int) -> None:
-    s = socket.socket(family_of(host), socket.SOCK_STREAM)
+def hold(host: str, port: int, udp: bool) -> None:
+    s = socket.socket(family_of(host), socket.SOCK_DGRAM if udp else socket.SOCK_STREAM)
     try:
         s.connect((host, port))
     except OSError as e:
         report(connected=False, **failure(e))
         return
-    report(connected=True, local_port=s.getsockname()[1], pid=os.getpid())
+    report(connected=True, local_port=s.getsockname()[1], pid=os.getpid(), fd=s.fileno())
     for line in sys.stdin:
         try:
             s.sendall(payload(int(line)))
@@ -227,12 +228,13 @@ def main() -> None:
     parser.add_argument("--tag")
     parser.add_argument("--qtype", type=int, default=1, help="1 = A, 28 = AAAA")
     parser.add_argument("--tcp", action="store_true")
+    parser.add_argument("--udp", action="store_true")
     parser.add_argument("name", nargs="?")
     a = parser.parse_args()
     if a.wait:
         sys.stdin.readline()
     if a.action == "hold":
-        hold(a.host, a.port)
+        hold(a.host, a.port, a.udp)
         return
     if a.action == "escape":
         escape(a.host)
