@@ -22,6 +22,7 @@ import psutil
 from agent import actions, cgroups
 from agent.dns.names import NameMatcher
 from agent.dns.proxy import DnsProxy, WorkloadDns, parse_upstreams
+from agent.dns.remembered import RememberedAnswers
 from agent.events import Destination, Event, EventBus, EventKind, ProcessInfo
 from agent.events.process import describe_process, forget_process
 from agent.actions.hooks import DEFAULT_TIMEOUT_SECONDS, HookOutcome, HookRunner
@@ -130,7 +131,7 @@ class Agent:
         self._quarantined_before = self._quarantines.load()  # QuarantineRecordError: likewise
         self.kernel = KernelPrograms(pin_dir=self.pin_dir)
         self.kernel.on_record(self._on_record)
-        self.dns = DnsProxy(self.kernel, self._dns_events)
+        self.dns = DnsProxy(self.kernel, self._dns_events, RememberedAnswers(self.state_dir))
         self.dns.start()
         with self._lock:
             self._apply(policy)

@@ -13,9 +13,10 @@ from hypothesis import given, settings, strategies as st
 
 from agent.dns import wire
 from agent.kernel.netns import in_netns_of
-from agentproc import outcome, unique_name, workload_policy
+from agentproc import outcome, unique_name, workload_policy, write_policy
 from agent.lab.dns_server import DnsServer
 from agent.lab.network import Lab
+from test_lifecycle import read_json, send, start_router
 
 pytestmark = pytest.mark.root
 
@@ -309,6 +310,34 @@ def test_a_restarted_agent_answers_again(lab, start_agent, dns_server):
     assert len(dns_server.queried_names()) == before
     agent.start()
     assert query(lab, agent, wl, "api.provider.test")["rcodes"] == {"0": 1}
+
+
+def test_a_restarted_agent_keeps_what_names_allowed_as_far_as_the_policy_still_does(lab, start_agent, tmp_path):
+    """A wildcard's addresses cannot be resolved ahead of time: only the answers the agent
+    before allowed keep a pooled connection alive across a restart."""
+    DnsServer(lab, RESOLVER, tmp_path, hosts=ZONE, ttl=300)
+    wl = unique_name("dns")
+    provider = lab.serve(Lab.PROVIDER4, 443)
+    agent = start_agent(dns_policy(wl, rules="{fqdn: '*.azure.test', ports: [443]}"), [wl])
+    assert query(lab, agent, wl, "eastus.azure.test")["addresses"] == [Lab.PROVIDER4]
+    router = start_router(lab, agent.router_cmd(wl, "hold", Lab.PROVIDER4, "443"))
+    assert read_json(router)["connected"]
+    send(router, 100)
+    assert provider.wait_for_bytes(100)
+
+    agent.kill9()
+    agent.start()
+    send(router, 100)
+    assert provider.wait_for_bytes(200)
+    assert run(lab, agent, wl, "tcp", Lab.PROVIDER4, "443")["ok"]
+
+    agent.stop()
+    write_policy(agent.policy, dns_policy(wl, rules="{fqdn: '*.other.test', ports: [443]}"))
+    agent.start()
+    assert run(lab, agent, wl, "tcp", Lab.PROVIDER4, "443")["errno"] == EPERM
+    received = provider.received_bytes()
+    send(router, 100)  # into the socket buffer; the backstop drops every packet
+    assert not provider.wait_for_bytes(received + 100, timeout=1)
 
 
 def test_exact_names_are_resolved_ahead_of_time(lab, start_agent, dns_server):

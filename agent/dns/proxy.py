@@ -25,6 +25,7 @@ from typing import Callable, Iterator
 
 from agent.dns import wire
 from agent.dns.names import NameGrant, NameMatcher
+from agent.dns.remembered import RememberedAnswers
 from agent.events import Destination, Event, EventKind
 from agent.events.process import describe_process
 from agent.kernel.loader import PORT_ANY, AllowEntry, KernelPrograms
@@ -186,8 +187,9 @@ def _tcp_listener(family: int, address: Address) -> socket.socket:
 
 
 class DnsProxy:
-    def __init__(self, kernel: KernelPrograms, events: queue.SimpleQueue) -> None:
+    def __init__(self, kernel: KernelPrograms, events: queue.SimpleQueue, answers: RememberedAnswers) -> None:
         self._kernel = kernel
+        self._answers = answers
         self._events = events  # the agent publishes them from its own thread
         self._workloads: dict[str, WorkloadDns] = {}
         self._listeners: dict[tuple[int, str], _Listener] = {}  # (netns inode, workload)
@@ -224,6 +226,7 @@ class DnsProxy:
         self._stop.set()
         self._wake()
         self._thread.join(timeout=5)
+        self._answers.save_if_changed()
         with self._lock:
             for listener in self._listeners.values():
                 for sock in listener.sockets.values():
@@ -235,8 +238,10 @@ class DnsProxy:
         """Serve (or, with None, stop serving) one workload's DNS."""
         self._written = {}  # the grants may have changed
         if config is not None:
+            self._restore_earlier_answers(config)
             self._workloads = {**self._workloads, name: config}
             return
+        self._answers.forget_workload(name)
         old = self._workloads.get(name)
         self._workloads = {k: v for k, v in self._workloads.items() if k != name}
         with self._lock:
@@ -296,7 +301,10 @@ class DnsProxy:
                 gone = [key for key in self._listeners if key[1] == config.name and key[0] not in live]
             for key in gone:
                 self._close_listener(key, config)
-            self._kernel.remove_dns_entries(config.index, time.monotonic_ns(), _in_use_by(pids))
+            now_ns = time.monotonic_ns()
+            self._kernel.remove_dns_entries(config.index, now_ns, _in_use_by(pids))
+            self._answers.forget(config.name, now_ns, self._kernel.dns_addresses(config.index))
+        self._answers.save_if_changed()
 
     def _close_listener(self, key: tuple[int, str], config: WorkloadDns | None) -> None:
         with self._lock:
@@ -501,9 +509,12 @@ class DnsProxy:
     def _allow(self, config: WorkloadDns, name: str, grants: list[NameGrant], records: list[wire.Record]) -> None:
         """Write the records' addresses into the workload's allow map, for TTL + grace. An
         entry that already lasts until at least _WRITE_SLACK_NS before that is left alone:
-        the slack is below the grace floor, so it still outlives the TTL handed out."""
+        the slack is below the grace floor, so it still outlives the TTL handed out. An address
+        new to the name is on disk before the answer goes out (a later expiry within a second),
+        so that a connection made from any answer outlives an agent's crash."""
         now = time.monotonic_ns()
         entries = []
+        new = False
         for record in records:
             self._remember_name(record.value, name)
             expires = now + (min(record.ttl, MAX_TTL) + config.grace_seconds) * 1_000_000_000
@@ -511,12 +522,26 @@ class DnsProxy:
             if self._written.get(written, 0) >= expires - _WRITE_SLACK_NS:
                 continue
             self._written[written] = expires
-            network = ipaddress.ip_network(record.value)
-            for grant in grants:
-                for port in grant.ports or (PORT_ANY,):
-                    entries.append(AllowEntry(network, grant.protocol, port, expires, grant.rule_line))
+            new |= self._answers.note(config.name, name, record.value, expires)
+            entries += _allow_entries(record.value, grants, expires)
+        if new:
+            self._answers.save_if_changed()
         if entries:
             self._kernel.allow_until(config.index, entries, _WRITE_SLACK_NS)
+
+    def _restore_earlier_answers(self, config: WorkloadDns) -> None:
+        """What the agent before this one allowed by name, as far as the policy in force still
+        allows it. Called before this agent's programs are attached, so no packet of an
+        established connection meets the maps without it."""
+        entries = []
+        for name, address, expires in self._answers.take_earlier(config.name):
+            grants = config.matcher.grants(name)
+            if grants:
+                self._remember_name(address, name)
+                self._answers.note(config.name, name, address, expires)
+                entries += _allow_entries(address, grants, expires)
+        if entries:
+            self._kernel.allow_until(config.index, entries)
 
     def _remember_name(self, address: str, name: str) -> None:
         self._name_of.pop(address, None)  # re-inserted last: the newest answer is kept longest
@@ -681,6 +706,12 @@ class DnsProxy:
         now_ns = time.monotonic_ns()
         self._written = {k: expires for k, expires in self._written.items() if expires > now_ns}
         self._next_flush = now + ALLOWED_WINDOW
+
+
+def _allow_entries(address: str, grants: list[NameGrant], expires_ns: int) -> list[AllowEntry]:
+    network = ipaddress.ip_network(address)
+    return [AllowEntry(network, grant.protocol, port, expires_ns, grant.rule_line)
+            for grant in grants for port in grant.ports or (PORT_ANY,)]
 
 
 def _datagrams(sock: socket.socket, most: int = 64) -> Iterator[tuple[bytes, tuple]]:

@@ -283,6 +283,11 @@ class KernelPrograms:
                 removed += 1
         return removed
 
+    def dns_addresses(self, index: int) -> set[str]:
+        """The addresses the workload's allow map holds because of DNS answers."""
+        with self._allow_lock:
+            return {self._describe_key(ident[0])[0] for ident in self._dynamic.get(index, {})}
+
     def forget_dns_entries(self, index: int) -> None:
         with self._allow_lock:
             static = self._allowed.get(index, set())

@@ -1,0 +1,45 @@
+"""The DNS answers kept for the next agent: what a file carries across a restart or a reboot."""
+import json
+import logging
+import time
+
+from agent.dns.remembered import ANSWERS_FILE, RememberedAnswers
+
+
+def test_answers_come_back_once_with_their_expiry_by_the_wall_clock(tmp_path):
+    now = time.monotonic_ns()
+    earlier = RememberedAnswers(tmp_path)
+    assert earlier.note("wl", "eastus.azure.test", "198.18.1.10", now + 60 * 10**9)
+    assert not earlier.note("wl", "eastus.azure.test", "198.18.1.10", now + 90 * 10**9)  # later expiry, same address
+    earlier.note("wl", "gone.azure.test", "198.18.1.11", now - 10**9)  # expired, kept while a socket uses it
+    earlier.note("other", "api.provider.test", "198.18.1.12", now + 60 * 10**9)
+    earlier.save_if_changed()
+
+    later = RememberedAnswers(tmp_path)
+    mine = {(name, address): expires for name, address, expires in later.take_earlier("wl")}
+    assert abs(mine[("eastus.azure.test", "198.18.1.10")] - (now + 90 * 10**9)) < 50 * 10**6
+    assert 0 < mine[("gone.azure.test", "198.18.1.11")] <= time.monotonic_ns()
+    assert later.take_earlier("wl") == []
+    assert [a for _, a, _ in later.take_earlier("other")] == ["198.18.1.12"]
+
+
+def test_an_expiry_from_before_a_reboot_never_becomes_a_static_entry(tmp_path):
+    (tmp_path / ANSWERS_FILE).write_text(json.dumps({"answers": [["wl", "a.test", "198.18.1.10", 1.0]]}))
+    assert RememberedAnswers(tmp_path).take_earlier("wl") == [("a.test", "198.18.1.10", 1)]
+
+
+def test_expired_answers_go_once_the_kernel_no_longer_allows_their_address(tmp_path):
+    answers = RememberedAnswers(tmp_path)
+    now = time.monotonic_ns()
+    answers.note("wl", "a.test", "198.18.1.10", now - 1)
+    answers.note("wl", "b.test", "198.18.1.11", now - 1)
+    answers.forget("wl", now, still_allowed={"198.18.1.11"})
+    answers.save_if_changed()
+    assert [row[2] for row in json.loads((tmp_path / ANSWERS_FILE).read_text())["answers"]] == ["198.18.1.11"]
+
+
+def test_an_unreadable_file_is_reported_and_the_agent_starts_without_it(tmp_path, caplog):
+    (tmp_path / ANSWERS_FILE).write_text('{"answers": [["wl", "a.test"]]}')
+    with caplog.at_level(logging.WARNING):
+        assert RememberedAnswers(tmp_path).take_earlier("wl") == []
+    assert f"{tmp_path / ANSWERS_FILE}: cannot read the DNS answers" in caplog.text
