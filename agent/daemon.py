@@ -306,6 +306,9 @@ class Agent:
                 running.unit_cgroup = cgroups.find_unit_cgroup(unit, self._cgroup_root)
                 if running.unit_cgroup is not None:
                     self._guard_cgroup(running, running.unit_cgroup)
+                    if running.quarantined:  # systemd started the unit again (a reboot, a restart)
+                        self._freeze_with_evidence(running, {"cause": "unit_started",
+                                                             "quarantined_since": running.quarantined_since})
 
     def _retire(self, running: RunningWorkload) -> None:
         """A workload gone from the policy: its processes are no longer guarded."""

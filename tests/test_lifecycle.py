@@ -343,6 +343,27 @@ def test_a_quarantine_outlasts_an_agent_restart(lab, start_agent, names):
     assert datagram_arrives(router_socket, provider) and workload_state(agent, wl) == "guarded"
 
 
+def test_a_unit_that_starts_while_its_workload_is_quarantined_is_frozen_too(lab, start_agent, names, unit_cgroup):
+    """After a reboot systemd starts the router's unit again, in a cgroup the agent finds later."""
+    wl = names[0]
+    unit = unit_cgroup.name
+    unit_cgroup.rmdir()
+    agent = start_agent(allow_provider(wl, match=f"{{systemd_unit: {unit}}}"), [wl])
+    warden(agent, "quarantine", wl)
+    unit_cgroup.mkdir()
+    # Busy, so that being frozen shows; it may join before the agent finds the cgroup or after.
+    router = subprocess.Popen(["sh", "-c", f'echo $$ > {unit_cgroup}/cgroup.procs && while :; do :; done'])
+    agent.wait_for(lambda e: e["kind"] == "action_quarantine" and e["detail"].get("cause") == "unit_started")
+    assert cgroups.is_frozen(unit_cgroup)
+    while router.pid not in cgroups.pids(unit_cgroup):
+        time.sleep(0.01)
+    cpu = psutil.Process(router.pid).cpu_times()
+    time.sleep(0.3)
+    assert psutil.Process(router.pid).cpu_times() == cpu
+    router.kill()
+    router.wait()
+
+
 def test_an_unreadable_quarantine_record_stops_the_agent_before_it_changes_anything(tmp_path, names):
     state = tmp_path / "state"
     state.mkdir()
