@@ -3,6 +3,7 @@ import json
 import logging
 import time
 
+from agent.dns import remembered
 from agent.dns.remembered import ANSWERS_FILE, RememberedAnswers
 
 
@@ -43,3 +44,20 @@ def test_an_unreadable_file_is_reported_and_the_agent_starts_without_it(tmp_path
     with caplog.at_level(logging.WARNING):
         assert RememberedAnswers(tmp_path).take_earlier("wl") == []
     assert f"{tmp_path / ANSWERS_FILE}: cannot read the DNS answers" in caplog.text
+
+
+def test_many_names_of_one_address_keep_one_answer_and_addresses_are_bounded(tmp_path, monkeypatch):
+    monkeypatch.setattr(remembered, "MAX_ANSWERS", 3)
+    answers = RememberedAnswers(tmp_path)
+    later = time.monotonic_ns() + 60 * 10**9
+    for i in range(100):  # random labels under a wildcard whose zone answers anything
+        answers.note("wl", f"r{i}.azure.test", "198.18.1.10", later)
+    answers.save_if_changed()
+    assert [row[1:3] for row in json.loads((tmp_path / ANSWERS_FILE).read_text())["answers"]] == [
+        ["r99.azure.test", "198.18.1.10"]]
+    for i in range(5):
+        answers.note("wl", "cdn.azure.test", f"198.18.2.{i}", later)
+    answers.save_if_changed()
+    rows = json.loads((tmp_path / ANSWERS_FILE).read_text())["answers"]
+    assert [(name, address) for _, name, address, _ in rows] == [
+        ("cdn.azure.test", "198.18.2.2"), ("cdn.azure.test", "198.18.2.3"), ("cdn.azure.test", "198.18.2.4")]

@@ -510,8 +510,9 @@ class DnsProxy:
         """Write the records' addresses into the workload's allow map, for TTL + grace. An
         entry that already lasts until at least _WRITE_SLACK_NS before that is left alone:
         the slack is below the grace floor, so it still outlives the TTL handed out. An address
-        new to the name is on disk before the answer goes out (a later expiry within a second),
-        so that a connection made from any answer outlives an agent's crash."""
+        new to the workload is on disk before the answer goes out (within SAVE_AT_MOST_EVERY of
+        another; a later expiry within a second), so that a connection made from an answer
+        outlives an agent's crash."""
         now = time.monotonic_ns()
         entries = []
         new = False
@@ -525,7 +526,7 @@ class DnsProxy:
             new |= self._answers.note(config.name, name, record.value, expires)
             entries += _allow_entries(record.value, grants, expires)
         if new:
-            self._answers.save_if_changed()
+            self._answers.save_soon()
         if entries:
             self._kernel.allow_until(config.index, entries, _WRITE_SLACK_NS)
 

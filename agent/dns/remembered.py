@@ -19,54 +19,68 @@ from agent.state import replace_file
 log = logging.getLogger(__name__)
 
 ANSWERS_FILE = "dns_answers.json"
-
-# (workload, asked name, address) -> until when the answer allows the address (CLOCK_MONOTONIC ns)
-AnswerKey = tuple[str, str, str]
+# Addresses kept, the oldest answer forgotten first: as many as the proxy keeps names for.
+MAX_ANSWERS = 65536
+# A new address is on disk before its answer goes out, but not more often than this: a flood
+# of new addresses (a wildcard zone that answers anything) must not put a disk sync on every
+# query of every workload. Within it, the next save (at most a second later) takes them.
+SAVE_AT_MOST_EVERY = 0.1
 
 
 class RememberedAnswers:
+    """(workload, address) -> (the name last resolved to it, until when it is allowed in
+    CLOCK_MONOTONIC ns). By address, as the kernel keeps them, so that many names resolving to
+    a few addresses keep a few answers; an address two names share is restored by the later."""
+
     def __init__(self, state_dir: Path) -> None:
         self.path = Path(state_dir) / ANSWERS_FILE
         self._lock = threading.Lock()  # the proxy's thread notes, the agent's thread forgets
         self._save_lock = threading.Lock()  # both save
-        self._answers: dict[AnswerKey, int] = {}
+        self._answers: dict[tuple[str, str], tuple[str, int]] = {}
         self._changed = False
-        self._earlier: dict[AnswerKey, int] = self._load()  # the agent before this one's
+        self._saved_at = 0.0
+        self._earlier = self._load()  # the agent before this one's
 
     def note(self, workload: str, name: str, address: str, expires_ns: int) -> bool:
-        """Remembers an answer, or its later expiry; True when the name's address is new."""
+        """Remembers an answer; True when the address is new to the workload."""
         with self._lock:
-            key = (workload, name, address)
-            known = self._answers.get(key)
-            if known is None or known < expires_ns:
-                self._answers[key] = expires_ns
-                self._changed = True
+            key = (workload, address)
+            known = self._answers.pop(key, None)  # re-inserted last: the newest is kept longest
+            self._answers[key] = (name, max(expires_ns, known[1]) if known else expires_ns)
+            self._changed = True
+            if len(self._answers) > MAX_ANSWERS:
+                del self._answers[next(iter(self._answers))]
             return known is None
 
     def take_earlier(self, workload: str) -> list[tuple[str, str, int]]:
         """The earlier agent's answers for `workload` as (name, address, expires_ns), once."""
         with self._lock:
-            mine = {key: expires for key, expires in self._earlier.items() if key[0] == workload}
-            for key in mine:
+            mine = [(key, answer) for key, answer in self._earlier.items() if key[0] == workload]
+            for key, _ in mine:
                 del self._earlier[key]
-        return [(name, address, expires) for (_, name, address), expires in mine.items()]
+        return [(name, address, expires) for (_, address), (name, expires) in mine]
 
     def forget(self, workload: str, now_ns: int, still_allowed: set[str]) -> None:
         """Drop the workload's expired answers whose address the kernel no longer allows by a name
         (an expired entry stays there while an established socket uses it, and so does its answer)."""
         with self._lock:
-            gone = [key for key, expires in self._answers.items()
-                    if key[0] == workload and expires <= now_ns and key[2] not in still_allowed]
-            for key in gone:
-                del self._answers[key]
-            self._changed |= bool(gone)
+            gone = [key for key, (_, expires) in self._answers.items()
+                    if key[0] == workload and expires <= now_ns and key[1] not in still_allowed]
+            self._drop(gone)
 
     def forget_workload(self, workload: str) -> None:
         with self._lock:
-            gone = [key for key in self._answers if key[0] == workload]
-            for key in gone:
-                del self._answers[key]
-            self._changed |= bool(gone)
+            self._drop([key for key in self._answers if key[0] == workload])
+
+    def _drop(self, keys: list[tuple[str, str]]) -> None:
+        for key in keys:
+            del self._answers[key]
+        self._changed |= bool(keys)
+
+    def save_soon(self) -> None:
+        """Save now, unless a save was less than SAVE_AT_MOST_EVERY ago (the next one takes it)."""
+        if time.monotonic() - self._saved_at >= SAVE_AT_MOST_EVERY:
+            self.save_if_changed()
 
     def save_if_changed(self) -> None:
         with self._save_lock:
@@ -76,17 +90,18 @@ class RememberedAnswers:
                 self._changed = False
                 wall_minus_monotonic = time.time() - time.monotonic_ns() / 1e9
                 rows = [[workload, name, address, round(expires / 1e9 + wall_minus_monotonic, 3)]
-                        for (workload, name, address), expires in sorted(self._answers.items())]
+                        for (workload, address), (name, expires) in self._answers.items()]
             replace_file(self.path, json.dumps({"answers": rows}))
+            self._saved_at = time.monotonic()
 
-    def _load(self) -> dict[AnswerKey, int]:
+    def _load(self) -> dict[tuple[str, str], tuple[str, int]]:
         """An unreadable file costs connections, not safety (nothing is allowed that the policy in
         force does not allow): it is reported and the agent starts without it."""
         try:
             rows = json.loads(self.path.read_text())["answers"]
             monotonic_minus_wall = time.monotonic_ns() - time.time() * 1e9
             # Never 0: an entry expiring at 0 would be static, allowed for good.
-            return {(str(workload), str(name), str(address)): max(1, int(float(until) * 1e9 + monotonic_minus_wall))
+            return {(str(workload), str(address)): (str(name), max(1, int(float(until) * 1e9 + monotonic_minus_wall)))
                     for workload, name, address, until in rows}
         except FileNotFoundError:
             return {}
