@@ -136,13 +136,28 @@ class Agent:
         with self._lock:
             self._apply(policy)
             self._keep_earlier_quarantines()
+            left_behind = self._release_what_earlier_agents_left()
         seconds = time.monotonic() - started
         log.info("enforcing %d workload(s) after %.2f s (programs compiled and loaded in %.2f s)",
                  len(self.workloads), seconds, self.kernel.load_seconds)
         self._publish(Event(EventKind.AGENT_STARTED, detail={
             "startup_seconds": round(seconds, 3), "compile_seconds": round(self.kernel.load_seconds, 3),
-            "pid": os.getpid(), "cgroup_root": str(self._cgroup_root)}))
+            "pid": os.getpid(), "cgroup_root": str(self._cgroup_root),
+            "detached_left_behind": [str(c) for c in left_behind]}))
         return seconds
+
+    def _release_what_earlier_agents_left(self) -> list[Path]:
+        """Cgroups an earlier agent guarded for workloads this policy no longer has lose its
+        programs (and a quarantine's freeze), as a reload would have taken them away."""
+        guarded = {c for w in self.workloads.values() for c in w.cgroup_dirs}
+        left_behind = self.kernel.detach_left_behind(self._cgroup_root, guarded)
+        for cgroup in left_behind:
+            thawed = cgroups.is_frozen(cgroup)
+            if thawed:
+                cgroups.thaw(cgroup)
+            log.warning("no workload of the policy guards %s: detached the programs an earlier agent left there%s",
+                        cgroup, " and thawed it" if thawed else "")
+        return left_behind
 
     def run(self) -> None:
         next_check = 0.0
@@ -558,9 +573,7 @@ class Agent:
         for name, since in self._quarantined_before.items():
             running = self.workloads.get(name)
             if running is None:
-                log.warning("workload %s was quarantined when the agent before this one stopped and is not in the "
-                            "policy: its cgroup is left as it is", name)
-                continue
+                continue  # out of the policy: released with what the earlier agent left
             log.warning("workload %s stays quarantined (since %s): `warden release %s` ends it", name,
                         time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(since)), name)
             self._freeze_with_evidence(running, {"cause": "agent_restart", "quarantined_since": since})

@@ -425,6 +425,34 @@ def test_restart_takes_over_without_a_window_or_duplicates(lab, start_agent, nam
     assert not {p.id for _, p in after} & {p.id for _, p in before}
 
 
+def test_a_workload_dropped_while_no_agent_ran_is_detached_at_start(lab, start_agent, names):
+    """As a reload would have: the earlier agent's programs must not go on enforcing the old
+    policy there, unseen. Another agent's workload (its own pin directory) is not touched."""
+    kept, dropped = names
+    other = unique_name("wo")
+    neighbour = start_agent(allow_provider(other), [other])
+    agent = start_agent(f"""
+    version: 1
+    workloads:
+      - name: {kept}
+        allow: [{{cidr: {Lab.PROVIDER4}/32, ports: [443]}}]
+      - name: {dropped}
+        on_violation: quarantine
+        allow: [{{cidr: {Lab.PROVIDER4}/32, ports: [443]}}]
+    """, [kept, dropped])
+    warden(agent, "quarantine", dropped)
+    agent.kill9()
+    write_policy(agent.policy, allow_provider(kept))
+    already = len(agent.events())
+    agent.start()
+    started = agent.wait_for(lambda e: e["kind"] == "agent_started", after=already)
+    assert started["detail"]["detached_left_behind"] == [str(agent.cgroup(dropped))]
+    assert attached_warden_programs(agent.cgroup(dropped)) == []
+    assert not cgroups.is_frozen(agent.cgroup(dropped))
+    assert len(attached_warden_programs(agent.cgroup(kept))) == 10
+    assert len(attached_warden_programs(neighbour.cgroup(other))) == 10
+
+
 def test_seq_keeps_increasing_across_restarts(lab, start_agent, names):
     wl = names[0]
     agent = start_agent(allow_provider(wl), [wl])

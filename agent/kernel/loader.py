@@ -166,6 +166,26 @@ class KernelPrograms:
             os.close(fd)
         return len(stale)
 
+    def detach_left_behind(self, root: Path, guarded: set[Path]) -> list[Path]:
+        """Detach what an earlier agent of this pin directory left on cgroups this one does not
+        guard (a workload taken out of the policy while no agent ran), as a reload detaches a
+        workload it drops; without it the old programs would go on enforcing the old policy
+        there, with nobody reading their events. An earlier agent of this pin directory is
+        told by its egress program, to which bcc gave the same pinned `traffic` map; its other
+        programs go with it, as guard() replaces a set. Other agents' cgroups are not touched.
+        Returns the cgroups it detached from."""
+        traffic_id = bpfsys.program_map_names(self._functions["ew_egress"].fd)["traffic"]
+        detached = []
+        for directory, _, _ in os.walk(root):
+            cgroup = Path(directory)
+            if cgroup in guarded:
+                continue
+            programs = attached_warden_programs(cgroup)
+            if any(p.name == "ew_egress" and _uses_map(p.id, traffic_id) for _, p in programs):
+                _detach_programs(cgroup, programs)
+                detached.append(cgroup)
+        return detached
+
     def _name_workload(self, cgroup_id: int, index: int) -> None:
         """Write the workload into the cgroup's storage (on every CPU), once: the programs own
         the rest of it from then on, and a write from here would race theirs. Only a cgroup that
@@ -528,13 +548,25 @@ def attached_warden_programs(cgroup: Path) -> list[tuple[int, bpfsys.AttachedPro
 def detach_all(cgroup: Path) -> int:
     """Detach every Egress Warden program from `cgroup` (this agent's and earlier ones')."""
     programs = attached_warden_programs(cgroup)
+    _detach_programs(cgroup, programs)
+    return len(programs)
+
+
+def _detach_programs(cgroup: Path, programs: list[tuple[int, bpfsys.AttachedProgram]]) -> None:
     fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
     try:
         for attach_type, program in programs:
             bpfsys.detach_by_id(program.id, fd, attach_type)
     finally:
         os.close(fd)
-    return len(programs)
+
+
+def _uses_map(prog_id: int, map_id: int) -> bool:
+    prog_fd = bpfsys.program_fd(prog_id)
+    try:
+        return map_id in bpfsys.program_map_names(prog_fd).values()
+    finally:
+        os.close(prog_fd)
 
 
 def dns_proxy_ready(cgroup: Path, cgroup_id: int, netns_cookie: int) -> bool | None:
