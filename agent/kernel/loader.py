@@ -180,10 +180,13 @@ class KernelPrograms:
             cgroup = Path(directory)
             if cgroup in guarded:
                 continue
-            programs = attached_warden_programs(cgroup)
-            if any(p.name == "ew_egress" and _uses_map(p.id, traffic_id) for _, p in programs):
-                _detach_programs(cgroup, programs)
-                detached.append(cgroup)
+            try:
+                programs = attached_warden_programs(cgroup)
+                if any(p.name == "ew_egress" and _uses_map(p.id, traffic_id) for _, p in programs):
+                    _detach_programs(cgroup, programs)
+                    detached.append(cgroup)
+            except FileNotFoundError:  # the cgroup, or a program, went while we looked
+                continue
         return detached
 
     def _name_workload(self, cgroup_id: int, index: int) -> None:
