@@ -305,8 +305,8 @@ def warden(agent, *args: str) -> str:
                           capture_output=True, text=True, check=True).stdout
 
 
-def workload_state(agent, wl: str) -> str:
-    return next(w["state"] for w in json.loads(warden(agent, "workloads", "-o", "json")) if w["name"] == wl)
+def workload_listed(agent, wl: str) -> dict:
+    return next(w for w in json.loads(warden(agent, "workloads", "-o", "json")) if w["name"] == wl)
 
 
 def test_a_quarantine_outlasts_an_agent_restart(lab, start_agent, names):
@@ -322,6 +322,8 @@ def test_a_quarantine_outlasts_an_agent_restart(lab, start_agent, names):
 
     warden(agent, "quarantine", wl)
     assert not datagram_arrives(router_socket, provider)
+    since = workload_listed(agent, wl)["quarantined_since"]
+    assert time.time() - 10 < since <= time.time()
 
     agent.kill9()
     already = len(agent.events())
@@ -329,7 +331,9 @@ def test_a_quarantine_outlasts_an_agent_restart(lab, start_agent, names):
     kept = agent.wait_for(lambda e: e["kind"] == "action_quarantine", after=already)
     assert kept["detail"]["cause"] == "agent_restart" and kept["detail"]["frozen_pids"] == [held["pid"]]
     assert not datagram_arrives(router_socket, provider)
-    assert cgroups.is_frozen(agent.cgroup(wl)) and workload_state(agent, wl) == "quarantined"
+    assert cgroups.is_frozen(agent.cgroup(wl))
+    assert workload_listed(agent, wl)["state"] == "quarantined" and kept["detail"]["quarantined_since"] == since
+    assert f"quarantined since {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(since))}" in warden(agent, "workloads")
 
     cgroups.thaw(agent.cgroup(wl))  # by hand, around the agent: a restart freezes it again
     agent.stop()
@@ -340,7 +344,8 @@ def test_a_quarantine_outlasts_an_agent_restart(lab, start_agent, names):
     assert datagram_arrives(router_socket, provider)
     agent.stop()
     agent.start()
-    assert datagram_arrives(router_socket, provider) and workload_state(agent, wl) == "guarded"
+    listed = workload_listed(agent, wl)
+    assert datagram_arrives(router_socket, provider) and listed["state"] == "guarded" and listed["quarantined_since"] == 0
 
 
 def test_a_unit_that_starts_while_its_workload_is_quarantined_is_frozen_too(lab, start_agent, names, unit_cgroup):

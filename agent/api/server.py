@@ -239,7 +239,7 @@ def _workload_message(running: RunningWorkload, pids: list[int]) -> pb.Workload:
     spec = running.spec
     return pb.Workload(
         name=spec.name, mode=spec.mode, on_violation=spec.on_violation,
-        state="quarantined" if running.quarantined else "guarded",
+        state="quarantined" if running.quarantined else "guarded", quarantined_since=running.quarantined_since or 0,
         cgroups=[str(c) for c in running.cgroup_dirs], processes=len(pids),
         allow=[f"{r.kind} {r.value} {r.protocol}/{','.join(map(str, r.ports)) or 'any'}" for r in spec.allow],
         posture=[pb.PostureWarning(pid=w.pid, code=w.code, detail=w.detail)

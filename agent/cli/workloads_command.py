@@ -1,6 +1,8 @@
 """warden workloads, warden ps: what the agent guards, and the processes in it."""
 from __future__ import annotations
 
+import time
+
 import click
 
 from agent.cli.client import EXIT_CODES_HELP, Client, Target, as_dict, echo_json, echo_table, output_option, target_options
@@ -19,7 +21,13 @@ def workloads_command(target: Target, output: str) -> None:
         echo_json([as_dict(w) for w in workloads])
         return
     echo_table(["WORKLOAD", "MODE", "ON_VIOLATION", "STATE", "PROCESSES", "ALLOW"],
-               ([w.name, w.mode, w.on_violation, w.state, w.processes, "; ".join(w.allow)] for w in workloads))
+               ([w.name, w.mode, w.on_violation, _state(w), w.processes, "; ".join(w.allow)] for w in workloads))
+
+
+def _state(workload) -> str:
+    if not workload.quarantined_since:
+        return workload.state
+    return f"{workload.state} since {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(workload.quarantined_since))}"
 
 
 @click.command("ps", epilog=EXIT_CODES_HELP)
