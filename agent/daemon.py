@@ -548,6 +548,8 @@ class Agent:
         with self._lock:
             running = self._running(name)
             outcome = actions.kill(running.cgroup_dirs)
+            if "unfinished" in outcome:
+                log.error("kill of %s: %s", name, "; ".join(outcome["unfinished"]))
             return self._publish(Event(EventKind.ACTION_KILL, workload=name, action="kill",
                                        detail={**outcome, **self._cause(cause)}))
 
@@ -561,10 +563,13 @@ class Agent:
             return self._freeze_with_evidence(running, self._cause(cause))
 
     def _freeze_with_evidence(self, running: RunningWorkload, cause: dict[str, Any]) -> Event:
-        frozen = actions.freeze(running.cgroup_dirs)
+        frozen, unfinished = actions.freeze(running.cgroup_dirs)
         evidence = [actions.evidence(pid) for pid in frozen]
+        detail = {"frozen_pids": frozen, "evidence": evidence, **cause}
+        if unfinished:
+            log.error("quarantine of %s: %s (its egress is denied all the same)", running.spec.name, "; ".join(unfinished))
         return self._publish(Event(EventKind.ACTION_QUARANTINE, workload=running.spec.name, action="quarantine",
-                                   detail={"frozen_pids": frozen, "evidence": evidence, **cause}))
+                                   detail={**detail, "unfinished": unfinished} if unfinished else detail))
 
     def _keep_earlier_quarantines(self) -> None:
         """Workloads the agent before this one quarantined stay so until released: their

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import psutil
 
@@ -13,22 +13,36 @@ from agent import cgroups
 from agent.kernel.sockets import process_sockets
 
 
+# A cgroup that does not empty or freeze in time (a process stuck in the kernel, on a hung
+# NFS mount say) is named in the action's outcome rather than raised: an agent that died of it
+# would die again at every restart, and act on no workload.
+
+
 def kill(cgroup_dirs: Iterable[Path]) -> dict[str, Any]:
     """SIGKILL every process of the workload and wait until none is left."""
     started = time.monotonic()
-    killed = []
+    killed, unfinished = [], []
     for cgroup in cgroup_dirs:
         killed.extend(cgroups.pids(cgroup))
-        cgroups.kill_all(cgroup)
-    return {"pids": sorted(killed), "seconds": round(time.monotonic() - started, 6)}
+        _attempt(cgroups.kill_all, cgroup, unfinished)
+    outcome = {"pids": sorted(killed), "seconds": round(time.monotonic() - started, 6)}
+    return {**outcome, "unfinished": unfinished} if unfinished else outcome
 
 
-def freeze(cgroup_dirs: Iterable[Path]) -> list[int]:
-    frozen = []
+def freeze(cgroup_dirs: Iterable[Path]) -> tuple[list[int], list[str]]:
+    """Freeze the workload's cgroups: (their pids, what did not freeze in time)."""
+    frozen, unfinished = [], []
     for cgroup in cgroup_dirs:
-        cgroups.freeze(cgroup)
+        _attempt(cgroups.freeze, cgroup, unfinished)
         frozen.extend(cgroups.pids(cgroup))
-    return sorted(frozen)
+    return sorted(frozen), unfinished
+
+
+def _attempt(action: Callable[[Path], None], cgroup: Path, unfinished: list[str]) -> None:
+    try:
+        action(cgroup)
+    except cgroups.CgroupError as e:
+        unfinished.append(str(e))
 
 
 def thaw(cgroup_dirs: Iterable[Path]) -> None:
