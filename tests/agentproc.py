@@ -39,21 +39,28 @@ def write_policy(path: Path, text: str) -> Path:
     return path
 
 
-def workload_policy(name: str, rules: str, *, on_violation: str = "deny", mode: str = "enforce",
-                    match: str = "", extra: str = "") -> str:
-    """A one-workload policy; `rules` is the YAML of its allow list (flow style), `match` its match
-    mapping, `extra` more of the workload's keys (dns:, budgets:) indented by eight spaces."""
+def workload_policy(name: str, rules: str, **options: str) -> str:
+    """A one-workload policy; see workload_entry."""
+    return policy_of(workload_entry(name, rules, **options))
+
+
+def policy_of(*entries: str) -> str:
+    """A policy of the workloads workload_entry wrote."""
+    return "\n    version: 1\n    workloads:\n" + "".join(entries)
+
+
+def workload_entry(name: str, rules: str, *, on_violation: str = "deny", mode: str = "enforce",
+                   match: str = "", extra: str = "") -> str:
+    """One workload of a policy; `rules` is the YAML of its allow list (flow style), `match` its
+    match mapping, `extra` more of the workload's keys (dns:, budgets:) indented by eight spaces."""
     match_line = f"        match: {match}" if match else ""
-    return f"""
-    version: 1
-    workloads:
-      - name: {name}
+    return f"""      - name: {name}
         mode: {mode}
         on_violation: {on_violation}
 {match_line}
         allow: [{rules}]
 {extra}
-    """
+"""
 
 
 class AgentProcess(ChildProcess):

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from agentproc import ROUTER, outcome, workload_policy
+from agentproc import ROUTER, outcome, policy_of, workload_entry, workload_policy
 from agent.lab.network import Lab
 
 pytestmark = pytest.mark.root
@@ -157,14 +157,8 @@ def test_two_workloads_do_not_share_allowances(lab, start_agent, names):
     a, b = names
     provider = lab.serve(Lab.PROVIDER4, 443)
     other = lab.serve(Lab.OTHER4, 443)
-    agent = start_agent(f"""
-    version: 1
-    workloads:
-      - name: {a}
-        allow: [{{cidr: {Lab.PROVIDER4}/32, ports: [443]}}]
-      - name: {b}
-        allow: [{{cidr: {Lab.OTHER4}/32, ports: [443]}}]
-    """, [a, b])
+    agent = start_agent(policy_of(workload_entry(a, f"{{cidr: {Lab.PROVIDER4}/32, ports: [443]}}"),
+                                  workload_entry(b, f"{{cidr: {Lab.OTHER4}/32, ports: [443]}}")), [a, b])
     assert attempt(lab, agent, a, "tcp", Lab.PROVIDER4, "443")["ok"]
     assert attempt(lab, agent, b, "tcp", Lab.OTHER4, "443")["ok"]
     assert attempt(lab, agent, a, "tcp", Lab.OTHER4, "443")["errno"] == EPERM

@@ -19,7 +19,8 @@ from agent.daemon import Agent
 from agent.events import EventBus, JsonLinesSink
 from agent.events.lines import LinesOutput
 from agent.kernel.loader import KernelPrograms, attached_warden_programs, remove_pins
-from agentproc import REPO, ROUTER, WARDEN, complete_lines, outcome, unique_name, workload_policy, write_policy
+from agentproc import (REPO, ROUTER, WARDEN, complete_lines, outcome, policy_of, unique_name, workload_entry,
+                       workload_policy, write_policy)
 from agent.lab.network import Lab
 
 pytestmark = pytest.mark.root
@@ -436,15 +437,9 @@ def test_a_workload_dropped_while_no_agent_ran_is_detached_at_start(lab, start_a
     kept, dropped = names
     other = unique_name("wo")
     neighbour = start_agent(allow_provider(other), [other])
-    agent = start_agent(f"""
-    version: 1
-    workloads:
-      - name: {kept}
-        allow: [{{cidr: {Lab.PROVIDER4}/32, ports: [443]}}]
-      - name: {dropped}
-        on_violation: quarantine
-        allow: [{{cidr: {Lab.PROVIDER4}/32, ports: [443]}}]
-    """, [kept, dropped])
+    provider_only = f"{{cidr: {Lab.PROVIDER4}/32, ports: [443]}}"
+    agent = start_agent(policy_of(workload_entry(kept, provider_only),
+                                  workload_entry(dropped, provider_only, on_violation="quarantine")), [kept, dropped])
     warden(agent, "quarantine", dropped)
     agent.kill9()
     write_policy(agent.policy, allow_provider(kept))
