@@ -303,7 +303,7 @@ class DnsProxy:
                 self._close_listener(key, config)
             now_ns = time.monotonic_ns()
             self._kernel.remove_dns_entries(config.index, now_ns, _in_use_by(pids))
-            self._answers.forget(config.name, now_ns, self._kernel.dns_addresses(config.index))
+            self._answers.forget(config.name, now_ns, lambda: self._kernel.dns_addresses(config.index))
         self._answers.save_if_changed()
 
     def _close_listener(self, key: tuple[int, str], config: WorkloadDns | None) -> None:

@@ -13,6 +13,7 @@ import logging
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 from agent.state import replace_file
 
@@ -60,13 +61,15 @@ class RememberedAnswers:
                 del self._earlier[key]
         return [(name, address, expires) for (_, address), (name, expires) in mine]
 
-    def forget(self, workload: str, now_ns: int, still_allowed: set[str]) -> None:
+    def forget(self, workload: str, now_ns: int, still_allowed: Callable[[], set[str]]) -> None:
         """Drop the workload's expired answers whose address the kernel no longer allows by a name
-        (an expired entry stays there while an established socket uses it, and so does its answer)."""
+        (an expired entry stays there while an established socket uses it, and so does its answer).
+        `still_allowed` is asked only when an answer has expired: it decodes every entry."""
         with self._lock:
-            gone = [key for key, (_, expires) in self._answers.items()
-                    if key[0] == workload and expires <= now_ns and key[1] not in still_allowed]
-            self._drop(gone)
+            expired = [key for key, (_, expires) in self._answers.items() if key[0] == workload and expires <= now_ns]
+            if expired:
+                allowed = still_allowed()
+                self._drop([key for key in expired if key[1] not in allowed])
 
     def forget_workload(self, workload: str) -> None:
         with self._lock:
