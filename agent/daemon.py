@@ -78,6 +78,11 @@ def allow_entries(spec: Workload) -> list[AllowEntry]:
     ]
 
 
+def _log_unfinished(action: str, workload: str, outcome: dict[str, Any], consequence: str = "") -> None:
+    if "unfinished" in outcome:
+        log.error("%s of %s: %s%s", action, workload, "; ".join(outcome["unfinished"]), consequence)
+
+
 def destination_allowed(spec: Workload, ip: str, port: int, protocol: str) -> bool:
     """The kernel's rule, for sockets judged in user space (adoption)."""
     addr = ipaddress.ip_address(ip)
@@ -548,8 +553,7 @@ class Agent:
         with self._lock:
             running = self._running(name)
             outcome = actions.kill(running.cgroup_dirs)
-            if "unfinished" in outcome:
-                log.error("kill of %s: %s", name, "; ".join(outcome["unfinished"]))
+            _log_unfinished("kill", name, outcome)
             return self._publish(Event(EventKind.ACTION_KILL, workload=name, action="kill",
                                        detail={**outcome, **self._cause(cause)}))
 
@@ -563,13 +567,11 @@ class Agent:
             return self._freeze_with_evidence(running, self._cause(cause))
 
     def _freeze_with_evidence(self, running: RunningWorkload, cause: dict[str, Any]) -> Event:
-        frozen, unfinished = actions.freeze(running.cgroup_dirs)
-        evidence = [actions.evidence(pid) for pid in frozen]
-        detail = {"frozen_pids": frozen, "evidence": evidence, **cause}
-        if unfinished:
-            log.error("quarantine of %s: %s (its egress is denied all the same)", running.spec.name, "; ".join(unfinished))
+        outcome = actions.freeze(running.cgroup_dirs)
+        _log_unfinished("quarantine", running.spec.name, outcome, " (its egress is denied all the same)")
+        evidence = [actions.evidence(pid) for pid in outcome["frozen_pids"]]
         return self._publish(Event(EventKind.ACTION_QUARANTINE, workload=running.spec.name, action="quarantine",
-                                   detail={**detail, "unfinished": unfinished} if unfinished else detail))
+                                   detail={**outcome, "evidence": evidence, **cause}))
 
     def _keep_earlier_quarantines(self) -> None:
         """Workloads the agent before this one quarantined stay so until released: their

@@ -17,9 +17,9 @@ def stuck(tmp_path) -> Path:
 
 
 def test_a_cgroup_that_does_not_freeze_in_time_is_reported_not_raised(stuck):
-    pids, unfinished = actions.freeze([stuck])
-    assert pids == [4242]
-    assert unfinished == [f"timed out after 5.0s waiting for {stuck} to freeze"]
+    outcome = actions.freeze([stuck])
+    assert outcome["frozen_pids"] == [4242]
+    assert outcome["unfinished"] == [f"timed out after 5.0s waiting for {stuck} to freeze"]
     assert (stuck / "cgroup.freeze").read_text() == "1"
 
 

@@ -25,17 +25,20 @@ def kill(cgroup_dirs: Iterable[Path]) -> dict[str, Any]:
     for cgroup in cgroup_dirs:
         killed.extend(cgroups.pids(cgroup))
         _attempt(cgroups.kill_all, cgroup, unfinished)
-    outcome = {"pids": sorted(killed), "seconds": round(time.monotonic() - started, 6)}
-    return {**outcome, "unfinished": unfinished} if unfinished else outcome
+    return _outcome({"pids": sorted(killed), "seconds": round(time.monotonic() - started, 6)}, unfinished)
 
 
-def freeze(cgroup_dirs: Iterable[Path]) -> tuple[list[int], list[str]]:
-    """Freeze the workload's cgroups: (their pids, what did not freeze in time)."""
+def freeze(cgroup_dirs: Iterable[Path]) -> dict[str, Any]:
+    """Freeze the workload's cgroups; `frozen_pids` are the processes in them."""
     frozen, unfinished = [], []
     for cgroup in cgroup_dirs:
         _attempt(cgroups.freeze, cgroup, unfinished)
         frozen.extend(cgroups.pids(cgroup))
-    return sorted(frozen), unfinished
+    return _outcome({"frozen_pids": sorted(frozen)}, unfinished)
+
+
+def _outcome(outcome: dict[str, Any], unfinished: list[str]) -> dict[str, Any]:
+    return {**outcome, "unfinished": unfinished} if unfinished else outcome
 
 
 def _attempt(action: Callable[[Path], None], cgroup: Path, unfinished: list[str]) -> None:
