@@ -182,7 +182,7 @@ class KernelPrograms:
                 continue
             try:
                 programs = attached_warden_programs(cgroup)
-                if any(p.name == "ew_egress" and _uses_map(p.id, traffic_id) for _, p in programs):
+                if any(p.name == "ew_egress" and traffic_id in _maps_of_program(p.id).values() for _, p in programs):
                     _detach_programs(cgroup, programs)
                     detached.append(cgroup)
             except FileNotFoundError:  # the cgroup, or a program, went while we looked
@@ -564,10 +564,11 @@ def _detach_programs(cgroup: Path, programs: list[tuple[int, bpfsys.AttachedProg
         os.close(fd)
 
 
-def _uses_map(prog_id: int, map_id: int) -> bool:
+def _maps_of_program(prog_id: int) -> dict[str, int]:
+    """The maps of a program found by its id (an earlier agent's), by name -> map id."""
     prog_fd = bpfsys.program_fd(prog_id)
     try:
-        return map_id in bpfsys.program_map_names(prog_fd).values()
+        return bpfsys.program_map_names(prog_fd)
     finally:
         os.close(prog_fd)
 
@@ -583,11 +584,7 @@ def dns_proxy_ready(cgroup: Path, cgroup_id: int, netns_cookie: int) -> bool | N
         os.close(fd)
     if not programs:
         return None
-    prog_fd = bpfsys.program_fd(programs[0].id)
-    try:
-        maps = bpfsys.program_map_names(prog_fd)
-    finally:
-        os.close(prog_fd)
+    maps = _maps_of_program(programs[0].id)
     index = bpfsys.map_lookup(maps["cgroup_workload"], cgroup_id.to_bytes(8, "little"), 4)
     if index is None or "dns_proxy" not in maps:
         return None  # not guarded, or an agent from before the DNS proxy
