@@ -33,6 +33,7 @@ from agent.kernel.records import Kind, KernelRecord, Verdict
 from agent.kernel.sockets import InetSocket, destroy_socket, process_sockets
 from agent.policy import Policy, PolicyError, Workload, load_policy
 from agent.traffic import Anomaly, BudgetCrossing, DestinationTraffic, ProcessTraffic, TrafficWatch
+from agent.traffic.budget_windows import BudgetWindowsFile
 
 log = logging.getLogger("egress_warden")
 
@@ -121,6 +122,7 @@ class Agent:
         # The meter has a lock of its own so that a long tick (every counter new after a start:
         # 65,536 take 0.14-0.3 s) never holds back the verdicts and kills under self._lock.
         self._traffic_lock = threading.Lock()
+        self._budget_windows = BudgetWindowsFile(self.state_dir)
         self._hooks = HookRunner(self._on_hook_finished, hook_timeout)
         self._accounting_failure: BaseException | None = None
         self._quarantines = QuarantineRecord(self.state_dir)
@@ -140,6 +142,7 @@ class Agent:
         self.dns.start()
         with self._lock:
             self._apply(policy)
+            self._budget_windows.restore_into(self.traffic.budgets, self._workload_indexes())
             self._keep_earlier_quarantines()
             left_behind = self._release_what_earlier_agents_left()
         seconds = time.monotonic() - started
@@ -189,6 +192,7 @@ class Agent:
                     self._attach_new_unit_cgroups()
                 self.dns.sweep()
         accounting.join()
+        self._save_budget_windows()
         self.dns.stop()
         self._hooks.close()
         self._publish_repeats(everything=True)
@@ -641,13 +645,26 @@ class Agent:
     def _account_traffic(self, changes: TrafficChanges) -> None:
         with self._lock:
             by_index = {w.index: w.spec for w in self.workloads.values()}
+        now = time.monotonic()
         with self._traffic_lock:
-            crossings, anomalies = self.traffic.tick(changes.changed, by_index, time.monotonic(), changes.gone)
+            crossings, anomalies = self.traffic.tick(changes.changed, by_index, now, changes.gone)
+        if self._budget_windows.save_due(now):
+            self._save_budget_windows()
         with self._lock:
             for crossing in crossings:
                 self._on_budget_crossed(crossing)
             for anomaly in anomalies:
                 self._on_anomaly(anomaly)
+
+    def _workload_indexes(self) -> dict[str, int]:
+        with self._lock:
+            return {name: w.index for name, w in self.workloads.items()}
+
+    def _save_budget_windows(self) -> None:
+        indexes = self._workload_indexes()
+        with self._traffic_lock:
+            kept = self.traffic.budgets.kept()
+        self._budget_windows.save(kept, indexes)
 
     def _on_budget_crossed(self, crossing: BudgetCrossing) -> None:
         running = self.workloads.get(crossing.workload)
@@ -661,7 +678,7 @@ class Agent:
             detail={"budget": {"fqdn": budget.fqdn, "cidr": budget.cidr, "bytes_per_minute": budget.bytes_per_minute,
                                "action": budget.action},
                     "window_seconds": crossing.window_seconds, "destinations": list(crossing.destinations),
-                    "processes": self._top_processes(crossing),
+                    "processes": self._top_processes(crossing), **self._unwatched(crossing),
                     **({} if acting or budget.action == "alert" else {"action_not_taken": "monitor mode"})}))
         if not acting or running.quarantined:
             return
@@ -669,6 +686,14 @@ class Agent:
             self.kill(crossing.workload, cause=event)
         elif budget.action == "quarantine":
             self.quarantine(crossing.workload, cause=event)
+
+    @staticmethod
+    def _unwatched(crossing: BudgetCrossing) -> dict[str, Any]:
+        if crossing.unwatched_seconds is None:
+            return {}
+        return {"unwatched": {"seconds": crossing.unwatched_seconds, "bytes": crossing.unwatched_bytes,
+                              "reason": "sent while no agent watched; split into whole windows, one of them "
+                                        "carried at least the window's bytes"}}
 
     def _top_processes(self, crossing: BudgetCrossing) -> list[dict]:
         with self._traffic_lock:

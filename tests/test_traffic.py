@@ -33,6 +33,7 @@ import pytest
 from agent.kernel import bpfsys
 from agent.kernel.loader import (PINNED_MAPS, SOCK_INFO, SOCK_SLOTS, TRAFFIC_KEY, TRAFFIC_VALUE, KernelPrograms,
                                  TrafficCounter, read_pinned_traffic, remove_pins)
+from agent.traffic.budget_windows import WINDOWS_FILE
 from agentproc import AgentProcess, unique_name, workload_policy
 from agent.lab.network import Lab
 
@@ -443,6 +444,36 @@ def test_budget_crossing_reports_and_kills(lab, start_agent):
     kill = agent.wait_for(lambda e: e["kind"] == "action_kill" and e["workload"] == name, timeout=10)
     assert kill["detail"]["cause_seq"] == exceeded["seq"]
     assert holder.wait(timeout=10) == -9
+
+
+def saved_budget_total(agent: AgentProcess, workload: str) -> int:
+    """The cumulative total of the workload's last budget sample the agent saved (0 if none)."""
+    try:
+        saved = json.loads((agent.state_dir / WINDOWS_FILE).read_text())["workloads"][workload]
+    except (FileNotFoundError, KeyError):
+        return 0
+    return max((total for window in saved["windows"] for _, total in window["samples"]), default=0)
+
+
+def test_a_restarted_agent_counts_toward_budgets_what_was_sent_before_and_while_it_was_down(lab, start_agent):
+    """60 KB with the agent up, 60 KB while it is down (SIGKILL), then a restart: the minute's
+    120 KB cross the 100 KB budget. Before the windows were kept the new agent took the 120 KB
+    it found as its window's start, and nothing crossed."""
+    name = unique_name("tb")
+    agent = start_agent(traffic_policy(name, kill_budget("100KB")), [name])
+    lab.serve(Lab.PROVIDER4, TCP_PORT)
+    send(lab, agent, name, "tcp", Lab.PROVIDER4, TCP_PORT, 60_000)
+    deadline = time.monotonic() + 15  # saved every 5 s
+    while saved_budget_total(agent, name) < 60_000 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert saved_budget_total(agent, name) >= 60_000
+    assert not [e for e in agent.events() if e["kind"] == "budget_exceeded"]
+    agent.kill9()
+    send(lab, agent, name, "tcp", Lab.PROVIDER4, TCP_PORT, 60_000)  # the programs count with no agent
+    agent.start()
+    exceeded = agent.wait_for(lambda e: e["kind"] == "budget_exceeded", timeout=10)
+    assert exceeded["bytes"] >= 120_000 and "unwatched" not in exceeded["detail"]
+    agent.wait_for(lambda e: e["kind"] == "action_kill" and e["detail"]["cause_seq"] == exceeded["seq"], timeout=10)
 
 
 def test_monitor_mode_budget_only_reports(lab, start_agent):

@@ -5,10 +5,12 @@ report them, so windows and baselines can be stepped through exactly."""
 from __future__ import annotations
 
 import socket
+import time
 
 from agent.kernel.loader import TrafficCounter
 from agent.policy import Budget, parse_policy
 from agent.traffic import BudgetWatch, SpikeWatch, TrafficWatch
+from agent.traffic.budget_windows import WINDOWS_FILE, BudgetWindowsFile
 from agent.traffic.meter import DestinationTraffic
 
 TCP = socket.IPPROTO_TCP
@@ -117,3 +119,61 @@ def test_spike_on_a_new_destination_waits_for_its_baseline():
     watch = SpikeWatch()
     assert watch.check("app", workload.spike, [destination(OTHER, 0, rate=0)], now=0.0) == []
     assert watch.check("app", workload.spike, [destination(OTHER, 0, rate=10**6)], now=1.0) == []
+
+
+def test_a_reload_that_changes_only_a_limit_keeps_the_window():
+    watch = BudgetWatch(window_seconds=60)
+    loose = Budget(fqdn=None, cidr="198.18.1.0/24", bytes_per_minute=100_000, action="alert")
+    watch.check("app", (loose,), [destination(PROVIDER, 0)], now=0.0)
+    watch.check("app", (loose,), [destination(PROVIDER, 30_000)], now=10.0)
+    tight = Budget(fqdn=None, cidr="198.18.1.0/24", bytes_per_minute=20_000, action="kill")
+    (crossing,) = watch.check("app", (tight,), [destination(PROVIDER, 30_000)], now=11.0)
+    assert crossing.window_bytes == 30_000 and crossing.budget == tight
+
+
+def test_a_gap_longer_than_the_window_is_charged_the_least_one_window_of_it_carried():
+    """150 s unwatched are three windows: 250 KB in them proves no window above 100 KB (the
+    agent cannot tell 83 KB a minute from all of it at once), 350 KB does."""
+    budget = Budget(fqdn=None, cidr="198.18.1.0/24", bytes_per_minute=100_000, action="kill")
+    watch = BudgetWatch(window_seconds=60)
+    watch.check("app", (budget,), [destination(PROVIDER, 0)], now=0.0)
+    assert watch.check("app", (budget,), [destination(PROVIDER, 250_000)], now=150.0) == []
+    assert watch.check("app", (budget,), [destination(PROVIDER, 250_000)], now=151.0) == []  # from now on afresh
+    (crossing,) = watch.check("app", (budget,), [destination(PROVIDER, 600_000)], now=301.0)
+    assert (crossing.window_bytes, crossing.unwatched_seconds, crossing.unwatched_bytes) == (116_667, 150.0, 350_000)
+
+
+def test_budget_windows_outlast_the_agent_where_the_workload_keeps_its_index(tmp_path, caplog):
+    budget = Budget(fqdn=None, cidr="198.18.1.0/24", bytes_per_minute=100_000, action="kill")
+    before = BudgetWatch()
+    now = time.monotonic()
+    before.check("app", (budget,), [destination(PROVIDER, 50_000)], now=now - 30)
+    (first,) = before.check("app", (budget,), [destination(PROVIDER, 200_000)], now=now - 20)
+    before.check("other", (budget,), [destination(PROVIDER, 50_000)], now=now - 20)
+    BudgetWindowsFile(tmp_path).save(before.kept(), {"app": 0, "other": 1})
+
+    after = BudgetWatch()
+    BudgetWindowsFile(tmp_path).restore_into(after, {"app": 0, "other": 2})
+    # Still over since before the restart: reported once, by the agent before.
+    assert after.check("app", (budget,), [destination(PROVIDER, 210_000)], now=now) == []
+    assert after.check("app", (budget,), [destination(PROVIDER, 210_000)], now=now + 45) == []  # back under
+    (again,) = after.check("app", (budget,), [destination(PROVIDER, 320_000)], now=now + 46)
+    assert again.window_bytes == 120_000  # since the sample the agent before took 66 s ago
+    # "other" came back under another index: another workload's counters, so no window of its.
+    assert after.check("other", (budget,), [destination(PROVIDER, 10**6)], now=now) == []
+
+    (tmp_path / WINDOWS_FILE).write_text('{"workloads": {"app": {"index": 0, "windows": [{"samples": 3}]}}}')
+    unreadable = BudgetWatch()
+    BudgetWindowsFile(tmp_path).restore_into(unreadable, {"app": 0})
+    assert unreadable.kept() == {}
+    assert f"{tmp_path / WINDOWS_FILE}: not a readable record of budget windows" in caplog.text
+
+
+def test_a_workload_gone_from_the_policy_loses_its_budget_windows():
+    watch = TrafficWatch()
+    app = spec("    budgets:\n      - cidr: 198.18.1.0/24\n        bytes_per_minute: 1000\n")
+    watch.tick([counter(10, PROVIDER, 500)], {0: app}, now=0.0)
+    watch.tick([], {}, now=1.0)  # a reload took it out
+    # Back under index 1, whose counters were another workload's: judged from here on.
+    assert watch.tick([counter(10, PROVIDER, 10**6, workload=1)], {1: app}, now=2.0) == ([], [])
+    assert watch.budgets.kept()["app"]["windows"][0]["samples"] == [[2.0, 10**6]]

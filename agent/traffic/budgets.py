@@ -2,12 +2,17 @@
 
 Each budget keeps the history of its cumulative byte total over the last window; what it
 used in the window is the total now minus the total at the window's start. A budget that
-crosses its limit is reported once, and again only after it fell back under the limit."""
+crosses its limit is reported once, and again only after it fell back under the limit.
+Budgets that cover the same destinations share one history, so a reload that changes only a
+limit or an action keeps the window, and so does a restarted agent (BudgetWindowsFile)."""
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
+import math
 from collections import deque
 from dataclasses import dataclass
+from typing import Any
 
 from agent.dns.names import name_matches
 from agent.policy import Budget
@@ -15,6 +20,9 @@ from agent.policy import Budget
 from .meter import DestinationTraffic
 
 WINDOW_SECONDS = 60.0
+
+# What a budget counts: (fqdn, cidr).
+Cover = tuple["str | None", "str | None"]
 
 
 @dataclass(frozen=True)
@@ -24,6 +32,10 @@ class BudgetCrossing:
     window_bytes: int
     window_seconds: float
     destinations: tuple[str, ...]  # the labels of the destinations that used the budget
+    # Set when more than a window passed unwatched (no agent ran): what was sent meanwhile,
+    # of which some window must have carried window_bytes.
+    unwatched_seconds: float | None = None
+    unwatched_bytes: int | None = None
 
     @property
     def target(self) -> str:
@@ -39,39 +51,96 @@ def budget_covers(budget: Budget, destination: DestinationTraffic) -> bool:
     return destination.fqdn is not None and name_matches(budget.fqdn, destination.fqdn)
 
 
+def _cover(budget: Budget) -> Cover:
+    return budget.fqdn, budget.cidr
+
+
+@dataclass(frozen=True)
+class _Used:
+    bytes: int
+    unwatched_seconds: float | None = None
+    unwatched_bytes: int | None = None
+
+
 class BudgetWatch:
     def __init__(self, window_seconds: float = WINDOW_SECONDS) -> None:
         self.window_seconds = window_seconds
-        self._history: dict[tuple[str, Budget], deque[tuple[float, int]]] = {}
+        self._history: dict[tuple[str, Cover], deque[tuple[float, int]]] = {}
         self._over: set[tuple[str, Budget]] = set()
 
     def check(self, workload: str, budgets: tuple[Budget, ...], destinations: list[DestinationTraffic],
               now: float) -> list[BudgetCrossing]:
-        crossings = []
+        crossings, used_by_cover = [], {}
         for budget in budgets:
             covered = [d for d in destinations if budget_covers(budget, d)]
-            used = self._window_bytes((workload, budget), sum(d.bytes for d in covered), now)
-            key = (workload, budget)
-            if used > budget.bytes_per_minute and key not in self._over:
+            cover = _cover(budget)
+            if cover not in used_by_cover:
+                used_by_cover[cover] = self._window_bytes((workload, cover), sum(d.bytes for d in covered), now)
+            used, key = used_by_cover[cover], (workload, budget)
+            if used.bytes > budget.bytes_per_minute and key not in self._over:
                 self._over.add(key)
-                crossings.append(BudgetCrossing(workload, budget, used, self.window_seconds,
-                                                tuple(d.label for d in covered)))
-            elif used <= budget.bytes_per_minute:
+                crossings.append(BudgetCrossing(workload, budget, used.bytes, self.window_seconds,
+                                                tuple(d.label for d in covered), used.unwatched_seconds,
+                                                used.unwatched_bytes))
+            elif used.bytes <= budget.bytes_per_minute:
                 self._over.discard(key)
         self._forget_budgets_not_in(workload, budgets)
         return crossings
 
-    def _window_bytes(self, key: tuple[str, Budget], total: int, now: float) -> int:
+    def _window_bytes(self, key: tuple[str, Cover], total: int, now: float) -> _Used:
         history = self._history.setdefault(key, deque())
         if history and total < history[-1][1]:
-            history.clear()  # counters evicted from the kernel's LRU: start afresh
+            history.clear()  # counters evicted from the kernel's LRU, or a reboot: start afresh
+        if history and now - history[-1][0] > self.window_seconds:
+            return self._after_unwatched_gap(history, total, now)
         history.append((now, total))
         # Keep one sample at or before the window's start: it is the baseline.
         while len(history) > 1 and history[1][0] <= now - self.window_seconds:
             history.popleft()
-        return total - history[0][1]
+        return _Used(total - history[0][1])
+
+    def _after_unwatched_gap(self, history: deque[tuple[float, int]], total: int, now: float) -> _Used:
+        """More than a window since the last sample (the agent was down): what was sent in
+        between is known only as a sum. Split the gap into whole windows and one of them
+        carried at least its share, so that share is what is judged: a budget is crossed only
+        when it certainly was, and a long routine downtime kills no router. The next window
+        starts from now."""
+        last_time, last_total = history[-1]
+        gap, sent = now - last_time, total - last_total
+        history.clear()
+        history.append((now, total))
+        return _Used(-(-sent // math.ceil(gap / self.window_seconds)), round(gap, 1), sent)
 
     def _forget_budgets_not_in(self, workload: str, budgets: tuple[Budget, ...]) -> None:
-        for key in [k for k in self._history if k[0] == workload and k[1] not in budgets]:
+        covers = {_cover(b) for b in budgets}
+        for key in [k for k in self._history if k[0] == workload and k[1] not in covers]:
             del self._history[key]
-            self._over.discard(key)
+        self._over -= {k for k in self._over if k[0] == workload and k[1] not in budgets}
+
+    def forget_workloads_not_in(self, workloads: set[str]) -> None:
+        """A workload gone from the policy loses its windows: if it comes back it may have
+        another kernel index, whose counters are not its own."""
+        for key in [k for k in self._history if k[0] not in workloads]:
+            del self._history[key]
+        self._over = {k for k in self._over if k[0] in workloads}
+
+    def kept(self) -> dict[str, dict[str, list[dict[str, Any]]]]:
+        """Per workload, its windows' samples (by this clock) and the budgets over their limit:
+        what a restarted agent needs to go on where this one stopped."""
+        kept: dict[str, dict[str, list[dict[str, Any]]]] = {}
+        for (workload, (fqdn, cidr)), history in self._history.items():
+            windows = kept.setdefault(workload, {"windows": [], "over": []})["windows"]
+            windows.append({"fqdn": fqdn, "cidr": cidr, "samples": [list(s) for s in history]})
+        for workload, budget in self._over:
+            kept.setdefault(workload, {"windows": [], "over": []})["over"].append(dataclasses.asdict(budget))
+        return kept
+
+    def restore(self, kept: dict[str, dict[str, list[dict[str, Any]]]]) -> None:
+        """Takes what kept() gave, its sample times moved to this clock; all of it or, when any
+        of it is malformed (ValueError, KeyError, TypeError), none."""
+        history = {(workload, (window["fqdn"], window["cidr"])): deque((float(t), int(total))
+                                                                      for t, total in window["samples"])
+                   for workload, state in kept.items() for window in state["windows"]}
+        over = {(workload, Budget(**budget)) for workload, state in kept.items() for budget in state["over"]}
+        self._history.update(history)
+        self._over |= over

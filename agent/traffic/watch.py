@@ -27,6 +27,7 @@ class TrafficWatch:
             destinations = self.meter.destinations(spec.name)
             crossings += self.budgets.check(spec.name, spec.budgets, destinations, now)
             anomalies += self.spikes.check(spec.name, spec.spike, destinations, now)
+        self.budgets.forget_workloads_not_in({spec.name for spec in workloads.values()})
         return crossings, anomalies
 
     def processes(self) -> list[ProcessTraffic]:
