@@ -194,8 +194,8 @@ class Agent:
         accounting.join()
         self._save_budget_windows()
         self.dns.stop()
+        self._publish_repeats(everything=True)  # they may run hooks
         self._hooks.close()
-        self._publish_repeats(everything=True)
         self._publish(Event(EventKind.AGENT_STOPPED, detail={
             "enforcement": "left attached: workloads stay enforced until the agent returns"}))
 

@@ -550,6 +550,23 @@ def test_hanging_hook_is_timed_out_without_stalling_enforcement(lab, start_agent
     assert second["seq"] < finished["seq"]
 
 
+def test_a_violation_summary_published_at_stop_still_runs_its_hook(lab, start_agent, tmp_path):
+    """Repeated refusals within half a second are summed into one event, published at the
+    latest when the agent stops; it runs the violation hooks like any refusal. The agent
+    used to shut its hook workers first, and the summary's hook then failed the stop."""
+    name = unique_name("tb")
+    agent = start_agent(hook_policy(name, write_hook(tmp_path / "note", "exit 0\n")), [name])
+    lab.run_in_router(agent.router_cmd(name, "probe", Lab.ATTACKER4, "443", "--count", "5", "--interval", "0.01"),
+                      stdout=subprocess.PIPE).communicate(timeout=15)
+    agent.wait_for(lambda e: e["kind"] == "hook_finished")
+    assert agent.stop() == 0
+    events = agent.events()
+    summary = [e for e in events if e["kind"] == "egress_denied" and e["detail"].get("count")]
+    assert summary and summary[-1]["detail"]["count"] == 4, "the summary came before the stop"
+    assert [e["detail"]["cause_seq"] for e in events if e["kind"] == "hook_finished"][-1] == summary[-1]["seq"]
+    assert events[-1]["kind"] == "agent_stopped"
+
+
 def free_loopback_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
