@@ -550,6 +550,27 @@ def test_hanging_hook_is_timed_out_without_stalling_enforcement(lab, start_agent
     assert second["seq"] < finished["seq"]
 
 
+def test_hooks_a_stopping_agent_has_not_finished_are_reported_before_it_stops(lab, start_agent, tmp_path):
+    """Five hooks for one violation, four workers: at SIGTERM four run and one waits. The agent
+    waits for the four (each within its timeout) and reports the fifth as cancelled, all before
+    agent_stopped: an operator's key rotation that did not run must not pass unnoticed."""
+    name = unique_name("tb")
+    started = tmp_path / "started"
+    hooks = [write_hook(tmp_path / f"rotate-{i}", f"echo {i} >> {started}\nsleep 2\n") for i in range(5)]
+    agent = start_agent(traffic_policy(name, f"        hooks:\n          on_violation: [{', '.join(hooks)}]"), [name])
+    violate(lab, agent, name)
+    deadline = time.monotonic() + 10
+    while (not started.exists() or len(started.read_text().split()) < 4) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert agent.stop() == 0
+    events = agent.events()
+    finished = [e["detail"] for e in events if e["kind"] == "hook_finished"]
+    assert sorted(d["outcome"] for d in finished) == ["cancelled", "ok", "ok", "ok", "ok"], finished
+    (cancelled,) = [d for d in finished if d["outcome"] == "cancelled"]
+    assert cancelled["exit_status"] is None and "stopped" in cancelled["error"]
+    assert events[-1]["kind"] == "agent_stopped"
+
+
 def test_a_violation_summary_published_at_stop_still_runs_its_hook(lab, start_agent, tmp_path):
     """Repeated refusals within half a second are summed into one event, published at the
     latest when the agent stops; it runs the violation hooks like any refusal. The agent

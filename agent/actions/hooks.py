@@ -10,7 +10,7 @@ import signal
 import subprocess
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
@@ -29,11 +29,14 @@ class HookOutcome:
     seconds: float
     error: str | None = None
     skipped_while_running: int = 0  # events that found this hook still busy with an earlier one
+    cancelled: bool = False  # never started: the agent stopped while it waited for a worker
 
     @property
     def outcome(self) -> str:
         if self.timed_out:
             return "timeout"
+        if self.cancelled:
+            return "cancelled"
         if self.error:
             return "error"
         return "ok" if self.exit_status == 0 else "failed"
@@ -52,6 +55,7 @@ class HookRunner:
         self._lock = threading.Lock()
         self._running: set[tuple[str, str]] = set()
         self._skipped: dict[tuple[str, str], int] = {}
+        self._submitted: dict[Future, tuple[str, str, str, int]] = {}  # (command, workload, hook, cause_seq)
 
     def run(self, commands: tuple[str, ...], *, workload: str, hook: str, event_json: str, cause_seq: int) -> None:
         for command in commands:
@@ -61,7 +65,13 @@ class HookRunner:
                     self._skipped[key] = self._skipped.get(key, 0) + 1
                     continue
                 self._running.add(key)
-            self._pool.submit(self._run_one, command, workload, hook, event_json, cause_seq)
+                future = self._pool.submit(self._run_one, command, workload, hook, event_json, cause_seq)
+                self._submitted[future] = (command, workload, hook, cause_seq)
+            future.add_done_callback(self._forget_submitted)
+
+    def _forget_submitted(self, future: Future) -> None:
+        with self._lock:
+            self._submitted.pop(future, None)
 
     def _run_one(self, command: str, workload: str, hook: str, event_json: str, cause_seq: int) -> None:
         started = time.monotonic()
@@ -79,14 +89,26 @@ class HookRunner:
             except subprocess.TimeoutExpired:
                 timed_out = True
                 _kill_session(process)
+        self._on_finished(HookOutcome(command, workload, hook, cause_seq, status, timed_out,
+                                      round(time.monotonic() - started, 3), error, self._done(workload, command)))
+
+    def _done(self, workload: str, command: str) -> int:
+        """Frees the hook for the next event; returns how many found it busy."""
         with self._lock:
             self._running.discard((workload, command))
-            skipped = self._skipped.pop((workload, command), 0)
-        self._on_finished(HookOutcome(command, workload, hook, cause_seq, status, timed_out,
-                                      round(time.monotonic() - started, 3), error, skipped))
+            return self._skipped.pop((workload, command), 0)
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        """Waits for the runs under way (each within its timeout) and hands back as cancelled
+        those still waiting for a worker: a key rotation that never ran must not go unseen."""
+        with self._lock:
+            submitted = dict(self._submitted)
+        for future, (command, workload, hook, cause_seq) in submitted.items():
+            if future.cancel():
+                self._on_finished(HookOutcome(command, workload, hook, cause_seq, None, False, 0.0,
+                                              "not run: the agent stopped while it waited for a free worker",
+                                              self._done(workload, command), cancelled=True))
+        self._pool.shutdown(wait=True)
 
 
 def _kill_session(process: subprocess.Popen) -> None:

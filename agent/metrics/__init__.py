@@ -51,7 +51,7 @@ class Metrics:
         self._actions = Counter(f"{PREFIX}_actions", "Actions taken on workloads.", ["workload", "action"],
                                 registry=self.registry)
         self._hooks = Counter(f"{PREFIX}_hook_runs", "Hook executables run, by how they ended "
-                              "(ok, failed, timeout, error).", ["workload", "hook", "outcome"], registry=self.registry)
+                              "(ok, failed, timeout, error, cancelled).", ["workload", "hook", "outcome"], registry=self.registry)
         self.registry.register(_TrafficCollector(traffic, lost_records, max_destinations))
         self._server = None
 
