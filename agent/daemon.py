@@ -28,6 +28,7 @@ from agent.events.process import describe_process, forget_process
 from agent.actions.hooks import DEFAULT_TIMEOUT_SECONDS, HookOutcome, HookRunner
 from agent.actions.quarantines import QuarantineRecord
 from agent.events.repeats import RepeatFolder
+from agent.kernel.indexes import WorkloadIndexes
 from agent.kernel.loader import DEFAULT_PIN_DIR, PORT_ANY, AllowEntry, KernelPrograms, TrafficChanges
 from agent.kernel.records import Kind, KernelRecord, Verdict
 from agent.kernel.sockets import InetSocket, destroy_socket, process_sockets
@@ -123,6 +124,7 @@ class Agent:
         # 65,536 take 0.14-0.3 s) never holds back the verdicts and kills under self._lock.
         self._traffic_lock = threading.Lock()
         self._budget_windows = BudgetWindowsFile(self.state_dir)
+        self._indexes = WorkloadIndexes(self.state_dir)
         self._hooks = HookRunner(self._on_hook_finished, hook_timeout)
         self._accounting_failure: BaseException | None = None
         self._quarantines = QuarantineRecord(self.state_dir)
@@ -256,14 +258,11 @@ class Agent:
         self._adopt_matching_processes()
         return loaded
 
-    def _free_index(self) -> int:
-        used = {w.index for w in self.workloads.values()}
-        return next(i for i in range(len(used) + 1) if i not in used)
-
     def _enforce(self, spec: Workload) -> None:
         running = self.workloads.get(spec.name)
         if running is None:
-            running = RunningWorkload(spec, self._free_index(), cgroups.workload_cgroup(spec.name, self._cgroup_root),
+            index = self._indexes.index_for(spec.name, {w.index for w in self.workloads.values()})
+            running = RunningWorkload(spec, index, cgroups.workload_cgroup(spec.name, self._cgroup_root),
                                       quarantined_since=self._quarantined_before.get(spec.name))
             self.workloads[spec.name] = running
         running.spec = spec

@@ -210,6 +210,12 @@ def test_workloads_must_not_be_empty() -> None:
     assert_problem(only_problem("version: 1\nworkloads: []\n"), "workloads", 2, "at least one workload")
 
 
+def test_more_workloads_than_the_kernel_holds_are_refused() -> None:
+    many = "".join(f"  - name: app{i}\n    allow: [{{cidr: 10.0.0.0/8}}]\n" for i in range(257))
+    assert_problem(only_problem("version: 1\nworkloads:\n" + many), "workloads", 3, "lists 257 workloads; the "
+                   "kernel's table holds at most 256")
+
+
 def test_unknown_top_level_key_is_refused_with_a_suggestion() -> None:
     problem = only_problem(MINIMAL + "workload: []\n")
     assert problem.reason.startswith("unknown key 'workload' (did you mean 'workloads'?")

@@ -34,7 +34,7 @@ from agent.kernel import bpfsys
 from agent.kernel.loader import (PINNED_MAPS, SOCK_INFO, SOCK_SLOTS, TRAFFIC_KEY, TRAFFIC_VALUE, KernelPrograms,
                                  TrafficCounter, read_pinned_traffic, remove_pins)
 from agent.traffic.budget_windows import WINDOWS_FILE
-from agentproc import AgentProcess, unique_name, workload_policy
+from agentproc import AgentProcess, policy_of, unique_name, workload_entry, workload_policy, write_policy
 from agent.lab.network import Lab
 
 pytestmark = pytest.mark.root
@@ -264,6 +264,30 @@ def test_counts_an_agent_died_before_folding_reach_the_next_agent(lab, start_age
     while (samples := scrape(port)).get(sent, 0) < pinned.bytes and time.monotonic() < deadline:
         time.sleep(0.2)
     assert samples.get(sent) == pinned.bytes
+
+
+def test_a_workload_keeps_its_counters_when_the_policy_changed_while_no_agent_ran(lab, start_agent):
+    """The counters are keyed by the workload's kernel index. Before indexes were kept, a
+    restart with the first workload taken out numbered the second 0, and it was shown the
+    first one's bytes."""
+    first, second = unique_name("tb"), unique_name("tb")
+    provider = f"{{cidr: {Lab.PROVIDER4}/32, ports: [{TCP_PORT}], protocol: tcp}}"
+    port = free_loopback_port()
+    agent = start_agent(policy_of(workload_entry(first, provider), workload_entry(second, provider)),
+                        [first, second], agent_args=["--metrics-listen", f"127.0.0.1:{port}"])
+    lab.serve(Lab.PROVIDER4, TCP_PORT)
+    sent = {name: send(lab, agent, name, "tcp", Lab.PROVIDER4, TCP_PORT, size).pid
+            for name, size in ((first, 50_000), (second, 10_000))}
+    counted = {name: settled_count(agent, pid, Lab.PROVIDER4, TCP_PORT, socket.IPPROTO_TCP, 1).bytes
+               for name, pid in sent.items()}
+    assert agent.stop() == 0
+    write_policy(agent.policy, workload_policy(second, provider))
+    agent.start()
+    series = f'egress_warden_sent_bytes_total{{destination="{Lab.PROVIDER4}",workload="{second}"}}'
+    deadline = time.monotonic() + 10  # the agent reads the counters once a second
+    while series not in (samples := scrape(port)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert samples.get(series) == counted[second], counted
 
 
 # One UDP socket sends to a first destination, then connects to a second and sends there:

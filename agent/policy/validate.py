@@ -90,6 +90,9 @@ class _Checker:
     def workloads(self, node: Node, key: str) -> tuple[Workload, ...]:
         if isinstance(node, SequenceNode) and not node.value:
             self.problem(node, key, "must list at least one workload")
+        if isinstance(node, SequenceNode) and len(node.value) > values.MAX_WORKLOADS:
+            self.problem(node, key, f"lists {len(node.value)} workloads; the kernel's table holds at most "
+                                    f"{values.MAX_WORKLOADS}")
         first_lines: dict[str, int] = {}
         found = [self.workload(item, item_key, first_lines) for item_key, item in self.items(node, key)]
         return tuple(workload for workload in found if workload)

@@ -6,6 +6,8 @@ import ipaddress
 import re
 from decimal import Decimal
 
+# The kernel's workload table holds this many (MAX_WORKLOADS in bpf/warden.bpf.c).
+MAX_WORKLOADS = 256
 WORKLOAD_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,30}[a-z0-9])?$")
 FQDN_LABEL = re.compile(r"^[a-z0-9_-]{1,63}$")
 SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*([A-Za-z]*)$")
