@@ -34,7 +34,7 @@ from agent.kernel.records import Kind, KernelRecord, Verdict
 from agent.kernel.sockets import InetSocket, destroy_socket, process_sockets
 from agent.policy import Policy, PolicyError, Workload, load_policy
 from agent.traffic import Anomaly, BudgetCrossing, DestinationTraffic, ProcessTraffic, TrafficWatch
-from agent.traffic.budget_windows import BudgetWindowsFile
+from agent.traffic.record import TrafficRecord
 
 log = logging.getLogger("egress_warden")
 
@@ -123,7 +123,7 @@ class Agent:
         # The meter has a lock of its own so that a long tick (every counter new after a start:
         # 65,536 take 0.14-0.3 s) never holds back the verdicts and kills under self._lock.
         self._traffic_lock = threading.Lock()
-        self._budget_windows = BudgetWindowsFile(self.state_dir)
+        self._traffic_record = TrafficRecord(self.state_dir)
         self._indexes = WorkloadIndexes(self.state_dir)
         self._hooks = HookRunner(self._on_hook_finished, hook_timeout)
         self._accounting_failure: BaseException | None = None
@@ -144,7 +144,7 @@ class Agent:
         self.dns.start()
         with self._lock:
             self._apply(policy)
-            self._budget_windows.restore_into(self.traffic.budgets, self._workload_indexes())
+            self._traffic_record.restore_into(self.traffic, self._workload_indexes())
             self._keep_earlier_quarantines()
             left_behind = self._release_what_earlier_agents_left()
         seconds = time.monotonic() - started
@@ -194,7 +194,7 @@ class Agent:
                     self._attach_new_unit_cgroups()
                 self.dns.sweep()
         accounting.join()
-        self._save_budget_windows()
+        self._save_traffic_record()
         self.dns.stop()
         self._publish_repeats(everything=True)  # they may run hooks
         self._hooks.close()
@@ -647,8 +647,8 @@ class Agent:
         now = time.monotonic()
         with self._traffic_lock:
             crossings, anomalies = self.traffic.tick(changes.changed, by_index, now, changes.gone)
-        if self._budget_windows.save_due(now):
-            self._save_budget_windows()
+        if self._traffic_record.save_due(now):
+            self._save_traffic_record()
         with self._lock:
             for crossing in crossings:
                 self._on_budget_crossed(crossing)
@@ -659,11 +659,11 @@ class Agent:
         with self._lock:
             return {name: w.index for name, w in self.workloads.items()}
 
-    def _save_budget_windows(self) -> None:
+    def _save_traffic_record(self) -> None:
         indexes = self._workload_indexes()
         with self._traffic_lock:
-            kept = self.traffic.budgets.kept()
-        self._budget_windows.save(kept, indexes)
+            kept = self._traffic_record.kept_of(self.traffic)
+        self._traffic_record.save(kept, indexes)  # the file's sync outside the lock
 
     def _on_budget_crossed(self, crossing: BudgetCrossing) -> None:
         running = self.workloads.get(crossing.workload)

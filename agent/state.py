@@ -2,7 +2,14 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
+
+
+def wall_minus_monotonic() -> float:
+    """Seconds that turn CLOCK_MONOTONIC into the wall clock, now. State files keep times by the
+    wall clock: the monotonic clock starts again at a reboot."""
+    return time.time() - time.monotonic()
 
 
 def replace_file(path: Path, text: str) -> None:

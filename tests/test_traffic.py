@@ -33,7 +33,7 @@ import pytest
 from agent.kernel import bpfsys
 from agent.kernel.loader import (PINNED_MAPS, SOCK_INFO, SOCK_SLOTS, TRAFFIC_KEY, TRAFFIC_VALUE, KernelPrograms,
                                  TrafficCounter, read_pinned_traffic, remove_pins)
-from agent.traffic.budget_windows import WINDOWS_FILE
+from agent.traffic.record import RECORD_FILE
 from agentproc import AgentProcess, policy_of, unique_name, workload_entry, workload_policy, write_policy
 from agent.lab.network import Lab
 
@@ -473,7 +473,7 @@ def test_budget_crossing_reports_and_kills(lab, start_agent):
 def saved_budget_total(agent: AgentProcess, workload: str) -> int:
     """The cumulative total of the workload's last budget sample the agent saved (0 if none)."""
     try:
-        saved = json.loads((agent.state_dir / WINDOWS_FILE).read_text())["workloads"][workload]
+        saved = json.loads((agent.state_dir / RECORD_FILE).read_text())["workloads"][workload]["budgets"]
     except (FileNotFoundError, KeyError):
         return 0
     return max((total for window in saved["windows"] for _, total in window["samples"]), default=0)

@@ -10,7 +10,7 @@ import time
 from agent.kernel.loader import TrafficCounter
 from agent.policy import Budget, parse_policy
 from agent.traffic import BudgetWatch, SpikeWatch, TrafficWatch
-from agent.traffic.budget_windows import WINDOWS_FILE, BudgetWindowsFile
+from agent.traffic.record import RECORD_FILE, TrafficRecord
 from agent.traffic.meter import DestinationTraffic
 
 TCP = socket.IPPROTO_TCP
@@ -26,11 +26,11 @@ def destination(address: str, sent: int, rate: float = 0.0, fqdn: str | None = N
     return DestinationTraffic(address, 443, "tcp", fqdn, False, sent, 1, rate)
 
 
-def spec(extra: str = ""):
+def spec(extra: str = "", name: str = "app"):
     return parse_policy(f"""
 version: 1
 workloads:
-  - name: app
+  - name: {name}
     allow:
       - cidr: 198.18.0.0/16
 {extra}""").workloads[0]
@@ -143,30 +143,54 @@ def test_a_gap_longer_than_the_window_is_charged_the_least_one_window_of_it_carr
     assert (crossing.window_bytes, crossing.unwatched_seconds, crossing.unwatched_bytes) == (116_667, 150.0, 350_000)
 
 
-def test_budget_windows_outlast_the_agent_where_the_workload_keeps_its_index(tmp_path, caplog):
-    budget = Budget(fqdn=None, cidr="198.18.1.0/24", bytes_per_minute=100_000, action="kill")
-    before = BudgetWatch()
+def test_budget_windows_outlast_the_agent_where_the_workload_keeps_its_index(tmp_path):
+    kill_past_100kb = "    budgets:\n      - cidr: 198.18.1.0/24\n        bytes_per_minute: 100000\n        action: kill\n"
+    app, other = spec(kill_past_100kb), spec(kill_past_100kb, name="other")
     now = time.monotonic()
-    before.check("app", (budget,), [destination(PROVIDER, 50_000)], now=now - 30)
-    (first,) = before.check("app", (budget,), [destination(PROVIDER, 200_000)], now=now - 20)
-    before.check("other", (budget,), [destination(PROVIDER, 50_000)], now=now - 20)
-    BudgetWindowsFile(tmp_path).save(before.kept(), {"app": 0, "other": 1})
+    before = TrafficWatch()
+    before.tick([counter(10, PROVIDER, 50_000), counter(20, PROVIDER, 50_000, workload=1)], {0: app, 1: other},
+                now=now - 30)
+    (first,), _ = before.tick([counter(10, PROVIDER, 200_000)], {0: app, 1: other}, now=now - 20)
+    TrafficRecord(tmp_path).save(TrafficRecord.kept_of(before), {"app": 0, "other": 1})
 
-    after = BudgetWatch()
-    BudgetWindowsFile(tmp_path).restore_into(after, {"app": 0, "other": 2})
+    after = TrafficWatch()
+    TrafficRecord(tmp_path).restore_into(after, {"app": 0, "other": 2})
     # Still over since before the restart: reported once, by the agent before.
-    assert after.check("app", (budget,), [destination(PROVIDER, 210_000)], now=now) == []
-    assert after.check("app", (budget,), [destination(PROVIDER, 210_000)], now=now + 45) == []  # back under
-    (again,) = after.check("app", (budget,), [destination(PROVIDER, 320_000)], now=now + 46)
+    assert after.tick([counter(10, PROVIDER, 210_000)], {0: app}, now=now) == ([], [])
+    assert after.tick([], {0: app}, now=now + 45) == ([], [])  # back under
+    (again,), _ = after.tick([counter(10, PROVIDER, 320_000)], {0: app}, now=now + 46)
     assert again.window_bytes == 120_000  # since the sample the agent before took 66 s ago
     # "other" came back under another index: another workload's counters, so no window of its.
-    assert after.check("other", (budget,), [destination(PROVIDER, 10**6)], now=now) == []
+    assert after.tick([counter(30, PROVIDER, 10**6, workload=2)], {0: app, 2: other}, now=now + 47) == ([], [])
 
-    (tmp_path / WINDOWS_FILE).write_text('{"workloads": {"app": {"index": 0, "windows": [{"samples": 3}]}}}')
-    unreadable = BudgetWatch()
-    BudgetWindowsFile(tmp_path).restore_into(unreadable, {"app": 0})
-    assert unreadable.kept() == {}
-    assert f"{tmp_path / WINDOWS_FILE}: not a readable record of budget windows" in caplog.text
+
+def test_spike_baselines_outlast_the_agent(tmp_path):
+    """A restarted agent judges a spike against the baseline the agent before learned; one that
+    began baselines again would need spike.baseline_seconds before it saw any."""
+    app = spec("    spike:\n      factor: 4\n      baseline_seconds: 10\n      min_rate: 1000\n")
+    now = time.monotonic()
+    before = TrafficWatch()
+    for second in range(16):  # 2000 bytes a second
+        assert before.tick([counter(10, PROVIDER, 2000 * second)], {0: app}, now=now - 40 + second) == ([], [])
+    TrafficRecord(tmp_path).save(TrafficRecord.kept_of(before), {"app": 0})
+
+    restored, fresh = TrafficWatch(), TrafficWatch()
+    TrafficRecord(tmp_path).restore_into(restored, {"app": 0})
+    for watch in (restored, fresh):
+        assert watch.tick([counter(10, PROVIDER, 30_000)], {0: app}, now=now) == ([], [])  # totals, no rates yet
+    spiking = [counter(10, PROVIDER, 60_000)]
+    assert fresh.tick(spiking, {0: app}, now=now + 1) == ([], [])
+    _, (anomaly,) = restored.tick(spiking, {0: app}, now=now + 1)
+    assert anomaly.rate == 30_000 and 1500 < anomaly.baseline < 2500
+
+
+def test_an_unreadable_traffic_record_starts_the_watch_afresh_and_says_so(tmp_path, caplog):
+    (tmp_path / RECORD_FILE).write_text(
+        '{"workloads": {"app": {"index": 0, "budgets": {"windows": [], "over": []}, "spikes": [{"rate": 1}]}}}')
+    watch = TrafficWatch()
+    TrafficRecord(tmp_path).restore_into(watch, {"app": 0})
+    assert watch.kept(0.0) == {}
+    assert f"{tmp_path / RECORD_FILE}: not a readable record of budget windows and spike baselines" in caplog.text
 
 
 def test_a_workload_gone_from_the_policy_loses_its_budget_windows():
@@ -176,4 +200,4 @@ def test_a_workload_gone_from_the_policy_loses_its_budget_windows():
     watch.tick([], {}, now=1.0)  # a reload took it out
     # Back under index 1, whose counters were another workload's: judged from here on.
     assert watch.tick([counter(10, PROVIDER, 10**6, workload=1)], {1: app}, now=2.0) == ([], [])
-    assert watch.budgets.kept()["app"]["windows"][0]["samples"] == [[2.0, 10**6]]
+    assert watch.budgets.kept(0.0)["app"]["windows"][0]["samples"] == [[2.0, 10**6]]

@@ -41,7 +41,7 @@ DEFAULT_SOCKET = Path("/run/egress-warden/agent.sock")
 @click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_STATE_DIR,
               show_default=True, help="Where state that outlives a restart is kept (event sequence numbers, the "
                                       "event spool, which workloads are quarantined, the DNS answers in force, the "
-                                      "budgets' windows, each workload's kernel index).")
+                                      "budgets' windows and spike baselines, each workload's kernel index).")
 @click.option("--agent-id", default=socket.gethostname(), show_default="host name",
               help="The name this agent gives itself in events.")
 @click.option("--socket", "socket_path", type=click.Path(dir_okay=False, path_type=Path), default=DEFAULT_SOCKET,

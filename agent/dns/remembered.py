@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from agent.state import replace_file
+from agent.state import replace_file, wall_minus_monotonic
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +91,8 @@ class RememberedAnswers:
                 if not self._changed:
                     return
                 self._changed = False
-                wall_minus_monotonic = time.time() - time.monotonic_ns() / 1e9
-                rows = [[workload, name, address, round(expires / 1e9 + wall_minus_monotonic, 3)]
+                to_wall = wall_minus_monotonic()
+                rows = [[workload, name, address, round(expires / 1e9 + to_wall, 3)]
                         for (workload, address), (name, expires) in self._answers.items()]
             replace_file(self.path, json.dumps({"answers": rows}))
             self._saved_at = time.monotonic()
@@ -102,9 +102,9 @@ class RememberedAnswers:
         force does not allow): it is reported and the agent starts without it."""
         try:
             rows = json.loads(self.path.read_text())["answers"]
-            monotonic_minus_wall = time.monotonic_ns() - time.time() * 1e9
+            to_wall = wall_minus_monotonic()
             # Never 0: an entry expiring at 0 would be static, allowed for good.
-            return {(str(workload), str(address)): (str(name), max(1, int(float(until) * 1e9 + monotonic_minus_wall)))
+            return {(str(workload), str(address)): (str(name), max(1, int((float(until) - to_wall) * 1e9)))
                     for workload, name, address, until in rows}
         except FileNotFoundError:
             return {}

@@ -4,7 +4,7 @@ Each budget keeps the history of its cumulative byte total over the last window;
 used in the window is the total now minus the total at the window's start. A budget that
 crosses its limit is reported once, and again only after it fell back under the limit.
 Budgets that cover the same destinations share one history, so a reload that changes only a
-limit or an action keeps the window, and so does a restarted agent (BudgetWindowsFile)."""
+limit or an action keeps the window, and so does a restarted agent (record.py)."""
 from __future__ import annotations
 
 import dataclasses
@@ -118,27 +118,27 @@ class BudgetWatch:
         self._over -= {k for k in self._over if k[0] == workload and k[1] not in budgets}
 
     def forget_workloads_not_in(self, workloads: set[str]) -> None:
-        """A workload gone from the policy loses its windows: if it comes back it may have
-        another kernel index, whose counters are not its own."""
+        """A workload gone from the policy loses its windows (it may come back much later)."""
         for key in [k for k in self._history if k[0] not in workloads]:
             del self._history[key]
         self._over = {k for k in self._over if k[0] in workloads}
 
-    def kept(self) -> dict[str, dict[str, list[dict[str, Any]]]]:
-        """Per workload, its windows' samples (by this clock) and the budgets over their limit:
-        what a restarted agent needs to go on where this one stopped."""
+    def kept(self, to_wall: float) -> dict[str, dict[str, list[dict[str, Any]]]]:
+        """Per workload, its windows' samples and the budgets over their limit: what a restarted
+        agent needs to go on where this one stopped. `to_wall`: what turns this watch's clock
+        into the wall clock (added to every time)."""
         kept: dict[str, dict[str, list[dict[str, Any]]]] = {}
         for (workload, (fqdn, cidr)), history in self._history.items():
             windows = kept.setdefault(workload, {"windows": [], "over": []})["windows"]
-            windows.append({"fqdn": fqdn, "cidr": cidr, "samples": [list(s) for s in history]})
+            windows.append({"fqdn": fqdn, "cidr": cidr, "samples": [[round(t + to_wall, 3), total]
+                                                                    for t, total in history]})
         for workload, budget in self._over:
             kept.setdefault(workload, {"windows": [], "over": []})["over"].append(dataclasses.asdict(budget))
         return kept
 
-    def restore(self, kept: dict[str, dict[str, list[dict[str, Any]]]]) -> None:
-        """Takes what kept() gave, its sample times moved to this clock; all of it or, when any
-        of it is malformed (ValueError, KeyError, TypeError), none."""
-        history = {(workload, (window["fqdn"], window["cidr"])): deque((float(t), int(total))
+    def restore(self, kept: dict[str, dict[str, list[dict[str, Any]]]], to_wall: float) -> None:
+        """Takes what kept() gave."""
+        history = {(workload, (window["fqdn"], window["cidr"])): deque((float(t) - to_wall, int(total))
                                                                       for t, total in window["samples"])
                    for workload, state in kept.items() for window in state["windows"]}
         over = {(workload, Budget(**budget)) for workload, state in kept.items() for budget in state["over"]}

@@ -95,6 +95,11 @@ class TrafficMeter:
         self._previous_time: float | None = None
         self._comms: dict[int, str] = {}
 
+    @property
+    def has_rates(self) -> bool:
+        """Whether the next tick gives rates: it is not the first."""
+        return self._previous_time is not None
+
     def update(self, changed: Iterable[TrafficCounter], workload_names: dict[int, str], now: float,
                gone: Iterable[TrafficCounter] = ()) -> None:
         """Take a new tick. `changed`: the counters new or grown since the last tick (giving an

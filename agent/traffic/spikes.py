@@ -7,7 +7,9 @@ baseline), and a rate is a spike when it is above `factor` times the baseline an
 `min_rate`. A spike is reported once, and again only after the rate came back down."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 from agent.policy import Spike
 
@@ -55,3 +57,24 @@ class SpikeWatch:
             baseline.rate += weight * (destination.rate - baseline.rate)
             baseline.updated = now
         return anomalies
+
+    def forget_workloads_not_in(self, workloads: set[str]) -> None:
+        self._baselines = {key: b for key, b in self._baselines.items() if key[0] in workloads}
+
+    def kept(self, to_wall: float) -> dict[str, list[dict[str, Any]]]:
+        """Per workload, its baselines, their times moved to the wall clock by `to_wall`: a
+        restarted agent that began them again would let a router spike unseen while they warm up."""
+        kept: dict[str, list[dict[str, Any]]] = {}
+        for (workload, destination), b in self._baselines.items():
+            kept.setdefault(workload, []).append({**dataclasses.asdict(b), "destination": destination,
+                                                  "since": round(b.since + to_wall, 3),
+                                                  "updated": round(b.updated + to_wall, 3)})
+        return kept
+
+    def restore(self, kept: dict[str, list[dict[str, Any]]], to_wall: float) -> None:
+        """Takes what kept() gave."""
+        baselines = {(workload, str(b["destination"])): _Baseline(float(b["since"]) - to_wall,
+                                                                  float(b["updated"]) - to_wall, float(b["rate"]),
+                                                                  bool(b["spiking"]))
+                     for workload, kept_baselines in kept.items() for b in kept_baselines}
+        self._baselines.update(baselines)
