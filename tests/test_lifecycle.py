@@ -370,18 +370,38 @@ def test_a_unit_that_starts_while_its_workload_is_quarantined_is_frozen_too(lab,
     router.wait()
 
 
+def agent_with_state_dir(tmp_path: Path, state: Path, workload: str) -> subprocess.CompletedProcess:
+    """`warden agent` with its state in `state`, expected to refuse to start."""
+    policy = write_policy(tmp_path / "policy.yaml", allow_provider(workload))
+    return subprocess.run([*WARDEN, "agent", "--policy", str(policy), "--state-dir", str(state),
+                           "--pin-dir", str(tmp_path / "pins"), "--socket", str(tmp_path / "agent.sock"),
+                           "--metrics-listen", "off"], cwd=REPO, capture_output=True, text=True, timeout=60)
+
+
 def test_an_unreadable_quarantine_record_stops_the_agent_before_it_changes_anything(tmp_path, names):
     state = tmp_path / "state"
     state.mkdir()
     (state / "quarantined.json").write_text("{not json")
-    policy = write_policy(tmp_path / "policy.yaml", allow_provider(names[0]))
-    result = subprocess.run([*WARDEN, "agent", "--policy", str(policy), "--state-dir", str(state),
-                             "--pin-dir", str(tmp_path / "pins"), "--socket", str(tmp_path / "agent.sock"),
-                             "--metrics-listen", "off"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    result = agent_with_state_dir(tmp_path, state, names[0])
     assert result.returncode == 1
     assert f"{state / 'quarantined.json'}: not a quarantine record" in result.stderr
     assert "move it aside" in result.stderr
     assert not (cgroups.warden_parent() / names[0]).exists()
+
+
+@pytest.mark.parametrize("loose", ["state", "parent"])
+def test_a_state_directory_others_could_change_is_refused(tmp_path, names, loose):
+    """Whoever can write there could lift a quarantine at the next restart, or have a DNS answer
+    allow an address of theirs: refused as a loose policy file is, before anything changes."""
+    state = tmp_path / "parent" / "state"
+    state.mkdir(parents=True)
+    (tmp_path / loose if loose == "parent" else state).chmod(0o777)
+    result = agent_with_state_dir(tmp_path, state, names[0])
+    assert result.returncode == 1
+    assert f"refusing the state directory {state}" in result.stderr
+    named = state if loose == "state" else tmp_path / "parent"
+    assert f"{named} is writable by group/others (mode 0777 without the sticky bit): run chmod go-w" in result.stderr
+    assert not (cgroups.warden_parent() / names[0]).exists() and not (tmp_path / "pins").exists()
 
 
 def test_sigkilled_agent_leaves_enforcement_on(lab, start_agent, names):

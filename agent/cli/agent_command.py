@@ -21,6 +21,7 @@ from agent.events import EventBus, JsonLinesSink
 from agent.events.lines import ROTATE_AT_BYTES, ROTATED_KEPT, LinesOutput
 from agent.events.spool import SPOOL_FILE, Spool, SpoolAhead
 from agent.kernel.loader import DEFAULT_PIN_DIR
+from agent.permissions import permission_problems
 from agent.policy import PolicyError
 
 DEFAULT_STATE_DIR = Path("/var/lib/egress-warden")
@@ -41,7 +42,8 @@ DEFAULT_SOCKET = Path("/run/egress-warden/agent.sock")
 @click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_STATE_DIR,
               show_default=True, help="Where state that outlives a restart is kept (event sequence numbers, the "
                                       "event spool, which workloads are quarantined, the DNS answers in force, the "
-                                      "budgets' windows and spike baselines, each workload's kernel index).")
+                                      "budgets' windows and spike baselines, each workload's kernel index). Must be owned "
+                                      "by root and not writable by group or others, nor the directories above it.")
 @click.option("--agent-id", default=socket.gethostname(), show_default="host name",
               help="The name this agent gives itself in events.")
 @click.option("--socket", "socket_path", type=click.Path(dir_okay=False, path_type=Path), default=DEFAULT_SOCKET,
@@ -99,7 +101,7 @@ def agent_command(policy_path: Path, events_file: Path | None, events_max_bytes:
     _check_group(socket_group)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s")
     started_at = time.time()
-    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    _check_state_dir(state_dir)
     lines = LinesOutput(events_file, events_max_bytes, events_keep, _say_torn_line_dropped)
     bus = EventBus(agent_id, state_dir)
     try:
@@ -152,6 +154,16 @@ def agent_command(policy_path: Path, events_file: Path | None, events_max_bytes:
         api.stop()
         spool.close()
         metrics.close()
+
+
+def _check_state_dir(state_dir: Path) -> None:
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    problems = permission_problems(str(state_dir), os.stat(state_dir), what=f"directory {state_dir} ")
+    if problems:
+        click.echo(f"warden agent: refusing the state directory {state_dir}: whoever can change it decides which "
+                   "quarantines outlast a restart and which addresses DNS answers allow again.\n"
+                   + "\n".join(f"  {p}" for p in problems), err=True)
+        sys.exit(1)
 
 
 def _tls_files(listen: str | None, cert: Path | None, key: Path | None, client_ca: Path | None):

@@ -4,10 +4,11 @@ from __future__ import annotations
 import os
 import stat
 
+from agent.permissions import permission_problems
+
 from . import validate
 from .errors import PolicyError, PolicyProblem
 from .model import Policy
-from .permissions import permission_problems
 
 
 def load_policy(path: str | os.PathLike[str], *, check_permissions: bool = True) -> Policy:

@@ -1,6 +1,7 @@
-"""Who could have written the policy file: like sshd's StrictModes, a policy
-that anyone but root could change (directly or by swapping a directory on the
-way to it) is refused, because it decides what a router may reach."""
+"""Who could have written what the agent trusts: like sshd's StrictModes, a file or directory
+that anyone but root could change (directly or by swapping a directory on the way to it) is
+refused. The policy decides what a router may reach; the state directory decides which
+quarantines outlast a restart and which addresses DNS answers allow again after one."""
 from __future__ import annotations
 
 import os
@@ -10,9 +11,10 @@ import stat
 GROUP_OR_OTHER_WRITE = 0o022
 
 
-def permission_problems(path: str, file_status: os.stat_result) -> list[str]:
-    """Reasons to refuse the file whose status is file_status, each saying what to run."""
-    reasons = _owner_and_mode_problems(path, file_status, what="")
+def permission_problems(path: str, file_status: os.stat_result, what: str = "") -> list[str]:
+    """Reasons to refuse the file (or directory) whose status is file_status, each saying what to
+    run; `what` begins the reasons about the path itself (those about its directories name them)."""
+    reasons = _owner_and_mode_problems(path, file_status, what)
     for directory in _directories_leading_to(path):
         reasons += _owner_and_mode_problems(directory, os.stat(directory), what=f"directory {directory} ")
     return reasons
