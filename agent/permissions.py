@@ -1,7 +1,8 @@
 """Who could have written what the agent trusts: like sshd's StrictModes, a file or directory
 that anyone but root could change (directly or by swapping a directory on the way to it) is
 refused. The policy decides what a router may reach; the state directory decides which
-quarantines outlast a restart and which addresses DNS answers allow again after one."""
+quarantines outlast a restart and which addresses DNS answers allow again after one; a policy
+hook runs as root whenever a router makes a refused connection."""
 from __future__ import annotations
 
 import os
@@ -18,6 +19,12 @@ def permission_problems(path: str, file_status: os.stat_result, what: str = "") 
     for directory in _directories_leading_to(path):
         reasons += _owner_and_mode_problems(directory, os.stat(directory), what=f"directory {directory} ")
     return reasons
+
+
+def executable_problems(path: str) -> list[str]:
+    """Reasons root must not run the executable at `path`; FileNotFoundError when there is none.
+    Once there are none only root can change it, so nothing can swap it before it runs."""
+    return permission_problems(path, os.stat(path), what=f"{path} ")
 
 
 def _owner_and_mode_problems(path: str, status: os.stat_result, what: str) -> list[str]:

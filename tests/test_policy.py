@@ -498,6 +498,20 @@ def test_permission_and_content_problems_are_reported_together(tmp_path: Path) -
     ]
 
 
+def test_a_hook_anyone_but_root_could_change_is_refused_and_a_missing_one_noted(tmp_path: Path) -> None:
+    """Hooks run as root whenever the router makes a refused connection."""
+    hook, later = tmp_path / "rotate-keys", tmp_path / "not-deployed-yet"
+    hook.write_text("#!/bin/sh\n")
+    hook.chmod(0o777)
+    path = write_policy(tmp_path, one_workload(f"allow: [{{cidr: 10.0.0.0/8}}]\nhooks:\n  on_budget: [{hook}, {later}]\n"))
+    assert load_problems(path) == [f"{path}: workloads[0].hooks.on_budget[0]: hooks run as root: {hook} is writable by "
+                                   f"group/others (mode 0777): run chmod go-w {hook}"]
+    hook.chmod(0o755)
+    assert load_policy(path).notices == (f"{path}: workloads[0].hooks.on_budget[1]: {later} does not exist (yet)",)
+    hook.chmod(0o777)
+    assert load_policy(path, check_permissions=False).notices == ()  # a draft: nothing checked
+
+
 def test_check_permissions_false_skips_the_checks(tmp_path: Path) -> None:
     path = write_policy(tmp_path, mode=0o666)
     assert load_policy(path, check_permissions=False).workloads[0].name == "app"

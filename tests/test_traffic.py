@@ -557,6 +557,22 @@ def test_violation_hook_gets_the_event_and_its_exit_status_is_recorded(lab, star
     assert (given["kind"], given["seq"], given["destination"]["ip"]) == ("egress_denied", denied["seq"], Lab.ATTACKER4)
 
 
+def test_a_hook_that_became_writable_by_others_is_not_run(lab, start_agent, tmp_path):
+    """The policy's check was at its load: at each run the agent looks again, since whoever can
+    change a hook can run code as root by making the router try a refused connection."""
+    name = unique_name("tb")
+    ran = tmp_path / "ran"
+    hook = write_hook(tmp_path / "rotate-keys", f"touch {ran}\n")
+    agent = start_agent(hook_policy(name, hook), [name])
+    os.chmod(hook, 0o777)
+    violate(lab, agent, name)
+    finished = agent.wait_for(lambda e: e["kind"] == "hook_finished", timeout=10)
+    assert finished["detail"]["outcome"] == "error" and finished["detail"]["exit_status"] is None
+    assert finished["detail"]["error"] == (f"refused to run {hook} as root: {hook} is writable by group/others "
+                                           f"(mode 0777): run chmod go-w {hook}")
+    assert not ran.exists()
+
+
 def test_hanging_hook_is_timed_out_without_stalling_enforcement(lab, start_agent, tmp_path):
     name = unique_name("tb")
     hook = write_hook(tmp_path / "hang", "sleep 60\n")

@@ -2,7 +2,8 @@
 the event as one JSON object on stdin. They run on worker threads with a timeout, so a
 slow or hanging hook never holds up enforcement; how each run ended is handed back to the
 agent, which reports it as a hook_finished event. Their output is not kept: a hook that
-rotates keys may well print them."""
+rotates keys may well print them. They run as root, so one that anyone but root could change
+is not run: the router could otherwise run code as root by making a refused connection."""
 from __future__ import annotations
 
 import os
@@ -13,6 +14,8 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
+
+from agent.permissions import executable_problems
 
 DEFAULT_TIMEOUT_SECONDS = 10.0
 WORKERS = 4
@@ -75,20 +78,21 @@ class HookRunner:
 
     def _run_one(self, command: str, workload: str, hook: str, event_json: str, cause_seq: int) -> None:
         started = time.monotonic()
-        status, timed_out, error = None, False, None
-        try:
-            # Its own session, so a timeout kills what it started too, not only itself.
-            process = subprocess.Popen([command], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                                       stderr=subprocess.DEVNULL, text=True, cwd="/", start_new_session=True)
-        except OSError as e:
-            error = f"could not run {command}: {e.strerror}"
-        else:
+        status, timed_out, error = None, False, _refusal(command)
+        if error is None:
             try:
-                process.communicate(event_json, timeout=self.timeout_seconds)
-                status = process.returncode
-            except subprocess.TimeoutExpired:
-                timed_out = True
-                _kill_session(process)
+                # Its own session, so a timeout kills what it started too, not only itself.
+                process = subprocess.Popen([command], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                           stderr=subprocess.DEVNULL, text=True, cwd="/", start_new_session=True)
+            except OSError as e:
+                error = f"could not run {command}: {e.strerror}"
+            else:
+                try:
+                    process.communicate(event_json, timeout=self.timeout_seconds)
+                    status = process.returncode
+                except subprocess.TimeoutExpired:
+                    timed_out = True
+                    _kill_session(process)
         self._on_finished(HookOutcome(command, workload, hook, cause_seq, status, timed_out,
                                       round(time.monotonic() - started, 3), error, self._done(workload, command)))
 
@@ -109,6 +113,16 @@ class HookRunner:
                                               "not run: the agent stopped while it waited for a free worker",
                                               self._done(workload, command), cancelled=True))
         self._pool.shutdown(wait=True)
+
+
+def _refusal(command: str) -> str | None:
+    """Why the hook must not run now, as root: the policy's check was at its load, and files
+    change."""
+    try:
+        problems = executable_problems(command)
+    except OSError as e:
+        return f"could not run {command}: {e.strerror}"
+    return f"refused to run {command} as root: {'; '.join(problems)}" if problems else None
 
 
 def _kill_session(process: subprocess.Popen) -> None:

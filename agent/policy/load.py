@@ -1,10 +1,11 @@
 """Reading a policy file: permissions, then YAML, then validation, all problems at once."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import stat
 
-from agent.permissions import permission_problems
+from agent.permissions import executable_problems, permission_problems
 
 from . import validate
 from .errors import PolicyError, PolicyProblem
@@ -15,7 +16,8 @@ def load_policy(path: str | os.PathLike[str], *, check_permissions: bool = True)
     """Read, check and validate a policy file; raise PolicyError listing every problem.
 
     With check_permissions the file and every directory up to / must be owned
-    by root and not writable by group or others (sticky directories excepted).
+    by root and not writable by group or others (sticky directories excepted),
+    and so must every hook executable the policy names.
     """
     name = os.fspath(path)
     data, status = _read(name)
@@ -25,9 +27,34 @@ def load_policy(path: str | os.PathLike[str], *, check_permissions: bool = True)
         policy = parse_policy(_decode(name, data), name)
     except PolicyError as error:
         problems += error.problems
+        policy = None
+    if policy is not None and check_permissions:
+        hook_problems, notices = _check_hooks(policy)
+        problems += hook_problems
+        policy = dataclasses.replace(policy, notices=policy.notices + tuple(notices))
     if problems:
         raise PolicyError(problems)
     return policy
+
+
+def _check_hooks(policy: Policy) -> tuple[list[PolicyProblem], list[str]]:
+    """Hooks run as root: one that anyone but root could change would let a router run code as
+    root by making a refused connection. A hook not there yet is a notice (it may be deployed
+    after the policy); each of its runs is then reported as an error."""
+    problems, notices = [], []
+    for i, workload in enumerate(policy.workloads):
+        for hook in ("on_violation", "on_budget"):
+            for j, command in enumerate(getattr(workload.hooks, hook)):
+                key = f"workloads[{i}].hooks.{hook}[{j}]"
+                try:
+                    reasons = executable_problems(command)
+                except FileNotFoundError:
+                    notices.append(str(PolicyProblem(policy.path, None, key, f"{command} does not exist (yet)")))
+                    continue
+                except OSError as error:
+                    reasons = [f"cannot check {command}: {error.strerror}"]
+                problems += [PolicyProblem(policy.path, None, key, f"hooks run as root: {r}") for r in reasons]
+    return problems, notices
 
 
 def parse_policy(text: str, path: str = "<string>") -> Policy:
