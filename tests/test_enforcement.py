@@ -68,6 +68,35 @@ def test_denied_destinations_see_no_byte(lab, start_agent, names, action, host, 
     assert attacker.received_bytes() == 0 and attacker.connections() == 0
 
 
+# Connects where the policy refuses; its arguments are secrets a router might be given.
+REFUSED_CONNECT = """
+import socket, sys
+try:
+    socket.create_connection((sys.argv[1], 443), timeout=3)
+except OSError:
+    pass
+"""
+
+
+def test_secrets_on_a_command_line_never_reach_the_events(lab, start_agent, names):
+    """Events travel to collectors far beyond the host: a key given on the router's command
+    line must not travel with them (agent/events/redact.py)."""
+    wl = names[0]
+    agent = start_agent(policy(wl, on_violation="quarantine"), [wl])
+    secrets = ["hunter2-api-key", "pg-password", "sk-ant-api03-abcdefghijklmnopqrst"]
+    argv = [sys.executable, "-c", REFUSED_CONNECT, Lab.ATTACKER4, "--api-key", secrets[0],
+            "--db", f"postgres://llm:{secrets[1]}@db/litellm", secrets[2]]
+    router = lab.run_in_router(agent.run_cmd(wl, argv))
+    event = denial(agent, wl, Lab.ATTACKER4, 443)
+    assert event["process"]["cmdline"][-5:] == ["--api-key", "<redacted>", "--db", "postgres://llm:<redacted>@db/litellm",
+                                                "<redacted>"]
+    quarantine = agent.wait_for(lambda e: e["kind"] == "action_quarantine")
+    assert quarantine["detail"]["evidence"][0]["cmdline"] == event["process"]["cmdline"]
+    router.kill()
+    written = agent.events_file.read_text()
+    assert not [s for s in secrets if s in written]
+
+
 class Attempts:
     """One router process, pinned to one CPU, making attempts when told: the hooks keep the
     destinations they last allowed per CPU, so these attempts meet what the earlier ones left."""

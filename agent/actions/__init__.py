@@ -10,6 +10,7 @@ from typing import Any, Callable, Iterable
 import psutil
 
 from agent import cgroups
+from agent.events.redact import redact_cmdline
 from agent.kernel.sockets import process_sockets
 
 
@@ -78,7 +79,7 @@ def evidence(pid: int) -> dict[str, Any]:
     record: dict[str, Any] = {"pid": pid}
     try:
         proc = psutil.Process(pid)
-        record["cmdline"] = proc.cmdline()
+        record["cmdline"] = redact_cmdline(proc.cmdline())
         record["exe"] = proc.exe()
         record["uid"] = proc.uids().real
         record["start_time"] = proc.create_time()

@@ -14,6 +14,7 @@ from pathlib import Path
 import psutil
 
 from agent.events.model import ProcessInfo
+from agent.events.redact import redact_cmdline
 
 _CAPACITY = 4096
 _TICKS_PER_SECOND = os.sysconf("SC_CLK_TCK")
@@ -59,7 +60,8 @@ def _read(pid: int, ppid: int, started: int, comm: str) -> ProcessInfo:
     info = ProcessInfo(pid=pid, ppid=ppid, comm=comm, start_time=_BOOT_TIME + started / _TICKS_PER_SECOND)
     try:
         info.uid = _real_uid(pid)
-        info.cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")[:-1] or None
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")[:-1]
+        info.cmdline = redact_cmdline(argv) or None
         info.exe = os.readlink(f"/proc/{pid}/exe")
     except (FileNotFoundError, ProcessLookupError, PermissionError):
         pass  # gone meanwhile, a zombie, or a kernel thread: what was read stays

@@ -1,0 +1,25 @@
+"""agent.events.redact: what looks like a secret never leaves the host in a command line."""
+from __future__ import annotations
+
+import pytest
+
+from agent.events.redact import REDACTED, redact_cmdline
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["litellm", "--api_key", "hunter2", "--port", "4000"], ["litellm", "--api_key", REDACTED, "--port", "4000"]),
+    (["litellm", "--master-key=hunter2"], ["litellm", f"--master-key={REDACTED}"]),
+    (["router", "--token", "--verbose"], ["router", "--token", "--verbose"]),  # a flag, no value: nothing hidden
+    (["env", "OPENAI_API_KEY=hunter2", "AWS_SECRET_ACCESS_KEY=abc", "PATH=/usr/bin", "litellm"],
+     ["env", f"OPENAI_API_KEY={REDACTED}", f"AWS_SECRET_ACCESS_KEY={REDACTED}", "PATH=/usr/bin", "litellm"]),
+    (["litellm", "--database_url", "postgres://llm:hunter2@db:5432/litellm"],
+     ["litellm", "--database_url", f"postgres://llm:{REDACTED}@db:5432/litellm"]),
+    (["python", "-c", "print(1)", "sk-ant-api03-abcdefghijklmnop", "x=AKIAIOSFODNN7EXAMPLE"],
+     ["python", "-c", "print(1)", REDACTED, f"x={REDACTED}"]),
+    (["curl", "-H", "Authorization: Bearer eyJhbGciOi.payload.sig", "https://api.test"],
+     ["curl", "-H", f"Authorization: Bearer {REDACTED}", "https://api.test"]),
+    (["litellm", "--config", "/etc/litellm/config.yaml", "--num_workers", "4"],
+     ["litellm", "--config", "/etc/litellm/config.yaml", "--num_workers", "4"]),
+])
+def test_secrets_in_command_lines_are_redacted(argv, expected):
+    assert redact_cmdline(argv) == expected
