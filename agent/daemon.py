@@ -32,7 +32,7 @@ from agent.kernel.indexes import WorkloadIndexes
 from agent.kernel.loader import DEFAULT_PIN_DIR, PORT_ANY, AllowEntry, KernelPrograms, TrafficChanges
 from agent.kernel.records import Kind, KernelRecord, Verdict
 from agent.kernel.sockets import InetSocket, destroy_socket, process_sockets
-from agent.policy import Policy, PolicyError, Workload, load_policy
+from agent.policy import Budget, Policy, PolicyError, Workload, load_policy
 from agent.traffic import Anomaly, BudgetCrossing, DestinationTraffic, ProcessTraffic, TrafficWatch
 from agent.traffic.record import TrafficRecord
 
@@ -626,6 +626,14 @@ class Agent:
             names = list(self.workloads)
         with self._traffic_lock:
             return {name: self.traffic.destinations(name) for name in names}
+
+    def budget_usage(self) -> list[tuple[str, Budget, int]]:
+        """(workload, budget, bytes in its window) for each budget checked so far."""
+        with self._lock:
+            budgets = [(name, b) for name, w in self.workloads.items() for b in w.spec.budgets]
+        with self._traffic_lock:
+            used = [(name, b, self.traffic.budgets.used(name, b)) for name, b in budgets]
+        return [(name, b, bytes_) for name, b, bytes_ in used if bytes_ is not None]
 
     def _account_traffic_every_second(self) -> None:
         """On a thread of its own: reading a full counter map takes about 0.1 s (65,536

@@ -647,17 +647,25 @@ def scrape(port: int) -> dict[str, float]:
 def test_metrics_endpoint_is_scraped(lab, start_agent):
     name = unique_name("tb")
     port = free_loopback_port()
-    agent = start_agent(traffic_policy(name), [name], agent_args=["--metrics-listen", f"127.0.0.1:{port}"])
+    alert_budget = kill_budget("100KB").replace("action: kill", "action: alert")
+    agent = start_agent(traffic_policy(name, alert_budget), [name], agent_args=["--metrics-listen", f"127.0.0.1:{port}"])
     lab.serve(Lab.PROVIDER4, TCP_PORT)
     pid = send(lab, agent, name, "tcp", Lab.PROVIDER4, TCP_PORT, 30_000).pid
     counter = settled_count(agent, pid, Lab.PROVIDER4, TCP_PORT, socket.IPPROTO_TCP, 30_000)
     violate(lab, agent, name)
     agent.wait_for(lambda e: e["kind"] == "egress_denied")
     sent = f'egress_warden_sent_bytes_total{{destination="{Lab.PROVIDER4}",workload="{name}"}}'
+    budget = f'{{action="alert",budget="{Lab.PROVIDER4}/32",workload="{name}"}}'
     deadline = time.monotonic() + 10
     while (samples := scrape(port)).get(sent, 0) < counter.bytes and time.monotonic() < deadline:
         time.sleep(0.2)
     assert samples[sent] == counter.bytes  # one process sent to it: the workload's total is its counter
+    # The window began at the agent's first tick, before the 30 KB: it holds them all.
+    while samples.get(f"egress_warden_budget_window_bytes{budget}", 0) < counter.bytes and time.monotonic() < deadline:
+        time.sleep(0.2)
+        samples = scrape(port)
+    assert samples[f"egress_warden_budget_window_bytes{budget}"] == counter.bytes
+    assert samples[f"egress_warden_budget_limit_bytes{budget}"] == 100_000
     assert samples[f'egress_warden_verdicts_total{{verdict="deny",workload="{name}"}}'] == 1
     assert samples['egress_warden_events_total{kind="egress_denied"}'] == 1
     assert samples['egress_warden_events_total{kind="agent_started"}'] == 1

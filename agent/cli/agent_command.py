@@ -118,7 +118,8 @@ def agent_command(policy_path: Path, events_file: Path | None, events_max_bytes:
     if spool.crash_gap:
         bus.publish(spool.crash_gap.event())
     agent = Agent(policy_path, state_dir, bus, pin_dir=pin_dir, hook_timeout=hook_timeout)
-    metrics = Metrics(agent.traffic_by_workload, lambda: agent.kernel.lost_records() if agent.kernel else 0)
+    metrics = Metrics(agent.traffic_by_workload, lambda: agent.kernel.lost_records() if agent.kernel else 0,
+                      agent.budget_usage)
     bus.subscribe(metrics.observe)
     signal.signal(signal.SIGTERM, lambda *_: agent.stop())
     signal.signal(signal.SIGINT, lambda *_: agent.stop())

@@ -1,5 +1,6 @@
 """The Prometheus endpoint (`warden agent --metrics-listen`): bytes by workload and
-destination, events by kind, verdicts, actions, ring-buffer losses and hook outcomes.
+destination, events by kind, verdicts, actions, ring-buffer losses, hook outcomes, and each
+budget's window against its limit (to alert before a budget's action is taken).
 
 Label sets stay bounded: workloads come from the policy, and each workload names at most
 MAX_DESTINATIONS destinations, the first ones it sent to; the rest are summed as "other".
@@ -13,6 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from agent.events import Event, EventKind
+from agent.policy import Budget
 from agent.traffic import DestinationTraffic
 
 MAX_DESTINATIONS = 20
@@ -21,6 +23,8 @@ PREFIX = "egress_warden"
 
 # workload name -> its traffic per destination
 TrafficSource = Callable[[], dict[str, list[DestinationTraffic]]]
+# (workload, budget, bytes in its window now)
+BudgetSource = Callable[[], list[tuple[str, Budget, int]]]
 
 _VERDICT_KINDS = {EventKind.EGRESS_DENIED: "deny", EventKind.EGRESS_OBSERVED: "observe"}
 
@@ -42,7 +46,7 @@ def parse_listen(text: str) -> tuple[str, int] | None:
 
 
 class Metrics:
-    def __init__(self, traffic: TrafficSource, lost_records: Callable[[], int],
+    def __init__(self, traffic: TrafficSource, lost_records: Callable[[], int], budgets: BudgetSource,
                  max_destinations: int = MAX_DESTINATIONS) -> None:
         self.registry = CollectorRegistry()
         self._events = Counter(f"{PREFIX}_events", "Events published, by kind.", ["kind"], registry=self.registry)
@@ -52,7 +56,7 @@ class Metrics:
                                 registry=self.registry)
         self._hooks = Counter(f"{PREFIX}_hook_runs", "Hook executables run, by how they ended "
                               "(ok, failed, timeout, error, cancelled).", ["workload", "hook", "outcome"], registry=self.registry)
-        self.registry.register(_TrafficCollector(traffic, lost_records, max_destinations))
+        self.registry.register(_TrafficCollector(traffic, lost_records, budgets, max_destinations))
         self._server = None
 
     def observe(self, event: Event) -> None:
@@ -80,9 +84,11 @@ class Metrics:
 class _TrafficCollector:
     """Reads the agent's latest traffic tick at scrape time."""
 
-    def __init__(self, traffic: TrafficSource, lost_records: Callable[[], int], max_destinations: int) -> None:
+    def __init__(self, traffic: TrafficSource, lost_records: Callable[[], int], budgets: BudgetSource,
+                 max_destinations: int) -> None:
         self._traffic = traffic
         self._lost_records = lost_records
+        self._budgets = budgets
         self._max = max_destinations
         self._labels: dict[str, set[str]] = {}
 
@@ -105,7 +111,19 @@ class _TrafficCollector:
         lost = CounterMetricFamily(f"{PREFIX}_ringbuf_lost_records", "Kernel records the ring buffer had no "
                                    "room for.")
         lost.add_metric([], self._lost_records())
-        return [sent, packets, rate, lost]
+        return [sent, packets, rate, lost, *self._budget_families()]
+
+    def _budget_families(self) -> list[GaugeMetricFamily]:
+        labels = ["workload", "budget", "action"]
+        used = GaugeMetricFamily(f"{PREFIX}_budget_window_bytes", "Bytes a budget's window holds now: what the "
+                                 "workload sent toward its name or network in the last minute.", labels=labels)
+        limit = GaugeMetricFamily(f"{PREFIX}_budget_limit_bytes", "A budget's bytes_per_minute: past it, the "
+                                  "budget's action is taken.", labels=labels)
+        for workload, budget, window_bytes in self._budgets():
+            budget_labels = [workload, budget.fqdn or budget.cidr or "", budget.action]
+            used.add_metric(budget_labels, window_bytes)
+            limit.add_metric(budget_labels, budget.bytes_per_minute)
+        return [used, limit]
 
     def _fold(self, workload: str, destinations: list[DestinationTraffic]) -> dict[str, tuple[int, int, float]]:
         named = self._labels.setdefault(workload, set())

@@ -67,6 +67,7 @@ class BudgetWatch:
         self.window_seconds = window_seconds
         self._history: dict[tuple[str, Cover], deque[tuple[float, int]]] = {}
         self._over: set[tuple[str, Budget]] = set()
+        self._used: dict[tuple[str, Cover], int] = {}  # as of the last check
 
     def check(self, workload: str, budgets: tuple[Budget, ...], destinations: list[DestinationTraffic],
               now: float) -> list[BudgetCrossing]:
@@ -76,6 +77,7 @@ class BudgetWatch:
             cover = _cover(budget)
             if cover not in used_by_cover:
                 used_by_cover[cover] = self._window_bytes((workload, cover), sum(d.bytes for d in covered), now)
+                self._used[(workload, cover)] = used_by_cover[cover].bytes
             used, key = used_by_cover[cover], (workload, budget)
             if used.bytes > budget.bytes_per_minute and key not in self._over:
                 self._over.add(key)
@@ -115,12 +117,18 @@ class BudgetWatch:
         covers = {_cover(b) for b in budgets}
         for key in [k for k in self._history if k[0] == workload and k[1] not in covers]:
             del self._history[key]
+            self._used.pop(key, None)
         self._over -= {k for k in self._over if k[0] == workload and k[1] not in budgets}
+
+    def used(self, workload: str, budget: Budget) -> int | None:
+        """What the budget's window held at the last check; None before the first."""
+        return self._used.get((workload, _cover(budget)))
 
     def forget_workloads_not_in(self, workloads: set[str]) -> None:
         """A workload gone from the policy loses its windows (it may come back much later)."""
         for key in [k for k in self._history if k[0] not in workloads]:
             del self._history[key]
+            self._used.pop(key, None)
         self._over = {k for k in self._over if k[0] in workloads}
 
     def kept(self, to_wall: float) -> dict[str, dict[str, list[dict[str, Any]]]]:
