@@ -655,13 +655,13 @@ class Agent:
         now = time.monotonic()
         with self._traffic_lock:
             crossings, anomalies = self.traffic.tick(changes.changed, by_index, now, changes.gone)
-        if self._traffic_record.save_due(now):
-            self._save_traffic_record()
         with self._lock:
             for crossing in crossings:
                 self._on_budget_crossed(crossing)
             for anomaly in anomalies:
                 self._on_anomaly(anomaly)
+        if self._traffic_record.save_due(now):  # after acting: a kill must not wait for a file sync
+            self._save_traffic_record()
 
     def _workload_indexes(self) -> dict[str, int]:
         with self._lock:
