@@ -2,7 +2,8 @@
 that anyone but root could change (directly or by swapping a directory on the way to it) is
 refused. The policy decides what a router may reach; the state directory decides which
 quarantines outlast a restart and which addresses DNS answers allow again after one; a policy
-hook runs as root whenever a router makes a refused connection."""
+hook runs as root whenever a router makes a refused connection. A TLS private key is refused,
+as ssh refuses one, when anyone but its owner can read it."""
 from __future__ import annotations
 
 import os
@@ -25,6 +26,20 @@ def executable_problems(path: str) -> list[str]:
     """Reasons root must not run the executable at `path`; FileNotFoundError when there is none.
     Once there are none only root can change it, so nothing can swap it before it runs."""
     return permission_problems(path, os.stat(path), what=f"{path} ")
+
+
+def private_key_problem(path: str) -> str | None:
+    """Why the private key at `path` must not be used, or None. Whoever reads it can pose as its
+    owner: as the agent to its collectors (and feed them events), or as a collector to the
+    agents (and read every event)."""
+    status = os.stat(path)
+    if status.st_uid not in (0, os.geteuid()):
+        return f"{path} is owned by uid {status.st_uid}, not by this user or root: run chown {os.geteuid()} " \
+               f"{shlex.quote(path)}"
+    if status.st_mode & 0o077:
+        return (f"{path} can be read by group/others (mode {stat.S_IMODE(status.st_mode):04o}): run chmod 600 "
+                f"{shlex.quote(path)}")
+    return None
 
 
 def _owner_and_mode_problems(path: str, status: os.stat_result, what: str) -> list[str]:

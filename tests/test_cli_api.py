@@ -117,3 +117,18 @@ def test_a_remote_agent_over_mtls_answers_reads_and_refuses_control(start_agent,
     refused = runner.invoke(main, ["kill", wl, *remote])
     assert refused.exit_code == 4 and "Unix socket only" in refused.output
     assert runner.invoke(main, ["status", "--server", f"127.0.0.1:{port}"]).exit_code == 2  # no --tls-ca
+
+
+@pytest.mark.parametrize("command", [["agent", "--policy", "{pem}", "--listen", "127.0.0.1:1", "--tls-cert", "{pem}",
+                                      "--tls-client-ca", "{pem}", "--tls-key", "{key}"],
+                                     ["status", "--server", "127.0.0.1:1", "--tls-ca", "{pem}", "--tls-cert", "{pem}",
+                                      "--tls-key", "{key}"]])
+def test_a_private_key_others_can_read_is_refused_before_anything_starts(tmp_path, command):
+    """As ssh refuses it: whoever reads the agent's key can pose as the agent to its collectors."""
+    pem, key = tmp_path / "c.pem", tmp_path / "c.key"
+    pem.write_text("x")
+    key.write_text("x")
+    key.chmod(0o644)
+    result = CliRunner().invoke(main, [arg.format(pem=pem, key=key) for arg in command])
+    assert result.exit_code == 2
+    assert f"{key} can be read by group/others (mode 0644): run chmod 600 {key}" in result.output

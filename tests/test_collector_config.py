@@ -11,6 +11,7 @@ from agent.collector.subscriber import Backoff
 def tls_files(tmp_path):
     for name in ("ca.pem", "c.pem", "c.key"):
         (tmp_path / name).write_text("x")
+    (tmp_path / "c.key").chmod(0o600)
     return tmp_path
 
 
@@ -63,6 +64,17 @@ def test_what_a_collector_cannot_run_without(tmp_path, tls_files):
                                                 f"tls: {{ca: {tmp_path}/nope.pem, cert: x, key: y}}"))
     with pytest.raises(ConfigError, match="tls.ca: .*nope.pem: no such file"):
         missing.check()
+
+
+def test_a_private_key_others_can_read_is_refused(tmp_path, tls_files):
+    """Whoever reads the collector's key can pose as it to every agent and read every event."""
+    (tls_files / "c.key").chmod(0o640)
+    config = load_config(config_file(tmp_path, "agents: [{name: a, address: 'h:1'}]\n"
+                                              f"tls: {{ca: {tls_files}/ca.pem, cert: {tls_files}/c.pem, key: {tls_files}/c.key}}"))
+    with pytest.raises(ConfigError) as refused:
+        config.check()
+    assert str(refused.value) == (f"{tmp_path / 'collector.yaml'}: tls.key: {tls_files}/c.key can be read by "
+                                  f"group/others (mode 0640): run chmod 600 {tls_files}/c.key")
 
 
 def test_flags_add_agents_and_override_the_file(tmp_path, tls_files):

@@ -16,7 +16,7 @@ import click
 from agent.actions.hooks import DEFAULT_TIMEOUT_SECONDS
 from agent.actions.quarantines import QuarantineRecordError
 from agent.cli.sdnotify import notify
-from agent.cli.values import DURATION, PEM_FILE, SIZE, SIZE_OR_ZERO
+from agent.cli.values import DURATION, PEM_FILE, PRIVATE_KEY_FILE, SIZE, SIZE_OR_ZERO
 from agent.events import EventBus, JsonLinesSink
 from agent.events.lines import ROTATE_AT_BYTES, ROTATED_KEPT, LinesOutput
 from agent.events.spool import SPOOL_FILE, Spool, SpoolAhead
@@ -54,7 +54,7 @@ DEFAULT_SOCKET = Path("/run/egress-warden/agent.sock")
               help="Also serve the read-only calls (status, lists, WatchEvents) on TCP with mutual TLS.")
 @click.option("--tls-cert", type=PEM_FILE,
               help="With --listen: the server certificate (PEM).")
-@click.option("--tls-key", type=PEM_FILE,
+@click.option("--tls-key", type=PRIVATE_KEY_FILE,
               help="With --listen: its private key (PEM).")
 @click.option("--tls-client-ca", type=PEM_FILE,
               help="With --listen: the CA that signs client certificates; others are refused at the handshake.")

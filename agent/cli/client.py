@@ -13,7 +13,7 @@ import grpc
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
-from agent.cli.values import PEM_FILE
+from agent.cli.values import PEM_FILE, PRIVATE_KEY_FILE
 
 DEFAULT_SOCKET = "/run/egress-warden/agent.sock"
 SOCKET_ENV = "WARDEN_SOCKET"
@@ -77,7 +77,7 @@ def target_options(command: Callable) -> Callable:
                   help="With --server: the CA that signed the agent's certificate.")
     @click.option("--tls-cert", type=PEM_FILE,
                   help="With --server: this client's certificate.")
-    @click.option("--tls-key", type=PEM_FILE,
+    @click.option("--tls-key", type=PRIVATE_KEY_FILE,
                   help="With --server: this client's private key.")
     @functools.wraps(command)
     def wrapped(socket_path: str, server: str | None, tls_ca: Path | None, tls_cert: Path | None,

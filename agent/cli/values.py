@@ -7,6 +7,7 @@ from typing import Any, Callable
 
 import click
 
+from agent.permissions import private_key_problem
 from agent.policy import values
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*(s|m|h|d)?$")
@@ -40,4 +41,21 @@ class _Parsed(click.ParamType):
 SIZE = _Parsed("SIZE", values.size)  # 256MiB, 1GB, 1000000
 SIZE_OR_ZERO = _Parsed("SIZE", values.size_or_zero)  # the same, or 0 for "never"
 DURATION = _Parsed("DURATION", duration_seconds)  # 90s, 15m, 7d
-PEM_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)  # a certificate or key, checked to exist
+PEM_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)  # a certificate, checked to exist
+
+
+class _PrivateKeyFile(click.Path):
+    """A PEM private key that exists and that only its owner can read (agent/permissions.py)."""
+
+    def __init__(self) -> None:
+        super().__init__(exists=True, dir_okay=False, path_type=Path)
+
+    def convert(self, value, param, ctx) -> Any:
+        path = super().convert(value, param, ctx)
+        problem = private_key_problem(str(path))
+        if problem:
+            self.fail(problem, param, ctx)
+        return path
+
+
+PRIVATE_KEY_FILE = _PrivateKeyFile()

@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 
 from agent.events.lines import ROTATE_AT_BYTES, ROTATED_KEPT
+from agent.permissions import private_key_problem
 from agent.policy.values import size_or_zero
 
 DEFAULT_STORE = "/var/lib/egress-warden/collector.db"
@@ -81,6 +82,9 @@ class CollectorConfig:
             path = getattr(self.tls, key)
             if not path.is_file():
                 raise ConfigError(f"{self.source}: tls.{key}: {path}: no such file")
+        problem = private_key_problem(str(self.tls.key))
+        if problem:
+            raise ConfigError(f"{self.source}: tls.key: {problem}")
         return self
 
 
