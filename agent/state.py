@@ -16,7 +16,10 @@ def replace_file(path: Path, text: str) -> None:
     """Writes `text` to a new file, syncs it, and renames it over `path`: a crash at any point
     leaves the old content or the new, never a part."""
     staged = path.with_name(path.name + ".tmp")
-    with open(staged, "w") as f:
+    # 0600 whatever the umask: what the agent keeps is for the agent, and it trusts it at start.
+    fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    os.fchmod(fd, 0o600)  # a leftover .tmp from a crash keeps its old mode otherwise
+    with os.fdopen(fd, "w") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
