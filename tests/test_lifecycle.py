@@ -370,12 +370,12 @@ def test_a_unit_that_starts_while_its_workload_is_quarantined_is_frozen_too(lab,
     router.wait()
 
 
-def agent_with_state_dir(tmp_path: Path, state: Path, workload: str) -> subprocess.CompletedProcess:
+def agent_with_state_dir(tmp_path: Path, state: Path, workload: str, *options: str) -> subprocess.CompletedProcess:
     """`warden agent` with its state in `state`, expected to refuse to start."""
     policy = write_policy(tmp_path / "policy.yaml", allow_provider(workload))
     return subprocess.run([*WARDEN, "agent", "--policy", str(policy), "--state-dir", str(state),
                            "--pin-dir", str(tmp_path / "pins"), "--socket", str(tmp_path / "agent.sock"),
-                           "--metrics-listen", "off"], cwd=REPO, capture_output=True, text=True, timeout=60)
+                           "--metrics-listen", "off", *options], cwd=REPO, capture_output=True, text=True, timeout=60)
 
 
 def test_an_unreadable_quarantine_record_stops_the_agent_before_it_changes_anything(tmp_path, names):
@@ -402,6 +402,19 @@ def test_a_state_directory_others_could_change_is_refused(tmp_path, names, loose
     named = state if loose == "state" else tmp_path / "parent"
     assert f"{named} is writable by group/others (mode 0777 without the sticky bit): run chmod go-w" in result.stderr
     assert not (cgroups.warden_parent() / names[0]).exists() and not (tmp_path / "pins").exists()
+
+
+def test_an_events_file_in_a_directory_others_could_change_is_refused(tmp_path, names):
+    """There anyone could put a link to any file at the events file's path, and the agent, as
+    root, would append to what it points to."""
+    loose = tmp_path / "log"
+    loose.mkdir()
+    loose.chmod(0o777)
+    result = agent_with_state_dir(tmp_path, tmp_path / "state", names[0], "--events-file", str(loose / "events.jsonl"))
+    assert result.returncode == 1
+    assert f"refusing --events-file {loose / 'events.jsonl'}: whoever can change {loose}" in result.stderr
+    assert f"directory {loose} is writable by group/others (mode 0777 without the sticky bit)" in result.stderr
+    assert not (cgroups.warden_parent() / names[0]).exists()
 
 
 def test_sigkilled_agent_leaves_enforcement_on(lab, start_agent, names):

@@ -32,7 +32,8 @@ DEFAULT_SOCKET = Path("/run/egress-warden/agent.sock")
 @click.option("--policy", "policy_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Policy file (YAML, version 1). Must be owned by root and not writable by others.")
 @click.option("--events-file", type=click.Path(dir_okay=False, path_type=Path),
-              help="Append every event as one JSON line here (default: standard output).")
+              help="Append every event as one JSON line here (default: standard output). Its directory must "
+                   "exist and be writable by root only (or sticky, as /tmp), with the directories above it.")
 @click.option("--events-max-bytes", type=SIZE_OR_ZERO, default=str(ROTATE_AT_BYTES),
               show_default=f"{ROTATE_AT_BYTES // 10**6}MB",
               help="Rotate --events-file before it would pass this size: it moves to FILE.1 (FILE.1 to "
@@ -102,6 +103,7 @@ def agent_command(policy_path: Path, events_file: Path | None, events_max_bytes:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s")
     started_at = time.time()
     _check_state_dir(state_dir)
+    _check_events_file(events_file)
     lines = LinesOutput(events_file, events_max_bytes, events_keep, _say_torn_line_dropped)
     bus = EventBus(agent_id, state_dir)
     try:
@@ -159,10 +161,24 @@ def agent_command(policy_path: Path, events_file: Path | None, events_max_bytes:
 
 def _check_state_dir(state_dir: Path) -> None:
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    problems = permission_problems(str(state_dir), os.stat(state_dir), what=f"directory {state_dir} ")
+    _refuse_if_others_can_change(state_dir, f"the state directory {state_dir}", "decides which quarantines "
+                                 "outlast a restart and which addresses DNS answers allow again")
+
+
+def _check_events_file(events_file: Path | None) -> None:
+    if events_file is not None:
+        directory = events_file.absolute().parent
+        _refuse_if_others_can_change(directory, f"--events-file {events_file}", "can make it a link to any file, "
+                                     "which the agent (root) would then append events to")
+
+
+def _refuse_if_others_can_change(directory: Path, what: str, because: str) -> None:
+    try:
+        problems = permission_problems(str(directory), os.stat(directory), what=f"directory {directory} ")
+    except FileNotFoundError:
+        problems = [f"directory {directory} does not exist"]
     if problems:
-        click.echo(f"warden agent: refusing the state directory {state_dir}: whoever can change it decides which "
-                   "quarantines outlast a restart and which addresses DNS answers allow again.\n"
+        click.echo(f"warden agent: refusing {what}: whoever can change {directory} {because}.\n"
                    + "\n".join(f"  {p}" for p in problems), err=True)
         sys.exit(1)
 
