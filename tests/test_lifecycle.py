@@ -404,15 +404,16 @@ def test_a_state_directory_others_could_change_is_refused(tmp_path, names, loose
     assert not (cgroups.warden_parent() / names[0]).exists() and not (tmp_path / "pins").exists()
 
 
-def test_an_events_file_in_a_directory_others_could_change_is_refused(tmp_path, names):
-    """There anyone could put a link to any file at the events file's path, and the agent, as
-    root, would append to what it points to."""
-    loose = tmp_path / "log"
+@pytest.mark.parametrize("option, file", [("--events-file", "events.jsonl"), ("--socket", "agent.sock")])
+def test_an_events_file_or_socket_in_a_directory_others_could_change_is_refused(tmp_path, names, option, file):
+    """There anyone could put a link to any file in its place, and the agent, as root, would
+    append events to what it points to, or give it to the socket's group (chown, chmod)."""
+    loose = tmp_path / "loose"
     loose.mkdir()
     loose.chmod(0o777)
-    result = agent_with_state_dir(tmp_path, tmp_path / "state", names[0], "--events-file", str(loose / "events.jsonl"))
+    result = agent_with_state_dir(tmp_path, tmp_path / "state", names[0], option, str(loose / file))
     assert result.returncode == 1
-    assert f"refusing --events-file {loose / 'events.jsonl'}: whoever can change {loose}" in result.stderr
+    assert f"refusing {option} {loose / file}: whoever can change {loose}" in result.stderr
     assert f"directory {loose} is writable by group/others (mode 0777 without the sticky bit)" in result.stderr
     assert not (cgroups.warden_parent() / names[0]).exists()
 

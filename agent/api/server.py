@@ -317,9 +317,10 @@ class ApiServers:
 
     def serve_unix(self, path: Path, group: str) -> None:
         """Bind `path` with mode 0660, owner root and `group`. The umask makes the socket
-        0660 from the moment it exists: no instant where others could connect."""
+        0660 from the moment it exists: no instant where others could connect. Its directory
+        must be one only root can change (the agent's command checks it), or a link put in the
+        socket's place would have the chown and chmod below land on another file."""
         gid = grp.getgrnam(group).gr_gid
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
         if path.is_socket():
             if _answers(path):
                 raise OSError(f"{path}: another agent is serving this socket; give this one --socket")
@@ -331,7 +332,7 @@ class ApiServers:
             server.add_insecure_port(f"unix:{path}")
         finally:
             os.umask(previous)
-        os.chown(path, 0, gid)
+        os.chown(path, 0, gid, follow_symlinks=False)
         os.chmod(path, 0o660)
         server.start()
         self._servers.append(server)

@@ -33,7 +33,7 @@ DEFAULT_SOCKET = Path("/run/egress-warden/agent.sock")
               help="Policy file (YAML, version 1). Must be owned by root and not writable by others.")
 @click.option("--events-file", type=click.Path(dir_okay=False, path_type=Path),
               help="Append every event as one JSON line here (default: standard output). Its directory must "
-                   "exist and be writable by root only (or sticky, as /tmp), with the directories above it.")
+                   "exist and be writable by root only (or sticky, as /tmp), as must the directories above it.")
 @click.option("--events-max-bytes", type=SIZE_OR_ZERO, default=str(ROTATE_AT_BYTES),
               show_default=f"{ROTATE_AT_BYTES // 10**6}MB",
               help="Rotate --events-file before it would pass this size: it moves to FILE.1 (FILE.1 to "
@@ -104,6 +104,7 @@ def agent_command(policy_path: Path, events_file: Path | None, events_max_bytes:
     started_at = time.time()
     _check_state_dir(state_dir)
     _check_events_file(events_file)
+    _check_socket_dir(socket_path)
     lines = LinesOutput(events_file, events_max_bytes, events_keep, _say_torn_line_dropped)
     bus = EventBus(agent_id, state_dir)
     try:
@@ -163,6 +164,13 @@ def _check_state_dir(state_dir: Path) -> None:
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     _refuse_if_others_can_change(state_dir, f"the state directory {state_dir}", "decides which quarantines "
                                  "outlast a restart and which addresses DNS answers allow again")
+
+
+def _check_socket_dir(socket_path: Path) -> None:
+    socket_path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+    _refuse_if_others_can_change(socket_path.parent, f"--socket {socket_path}", "can put a link in the socket's "
+                                 "place as it is bound, and the agent would hand the file it points to to "
+                                 "--socket-group")
 
 
 def _check_events_file(events_file: Path | None) -> None:
