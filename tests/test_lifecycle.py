@@ -389,18 +389,22 @@ def test_an_unreadable_quarantine_record_stops_the_agent_before_it_changes_anyth
     assert not (cgroups.warden_parent() / names[0]).exists()
 
 
-@pytest.mark.parametrize("loose", ["state", "parent"])
+@pytest.mark.parametrize("loose", ["state", "parent", "file"])
 def test_a_state_directory_others_could_change_is_refused(tmp_path, names, loose):
     """Whoever can write there could lift a quarantine at the next restart, or have a DNS answer
-    allow an address of theirs: refused as a loose policy file is, before anything changes."""
+    allow an address of theirs: refused as a loose policy file is, before anything changes. So
+    is a file in it that others can write (planted before the directory was closed)."""
     state = tmp_path / "parent" / "state"
     state.mkdir(parents=True)
-    (tmp_path / loose if loose == "parent" else state).chmod(0o777)
+    named = {"state": state, "parent": tmp_path / "parent", "file": state / "dns_answers.json"}[loose]
+    if loose == "file":
+        named.write_text('{"answers": []}')
+    named.chmod(0o777 if loose != "file" else 0o666)
     result = agent_with_state_dir(tmp_path, state, names[0])
     assert result.returncode == 1
     assert f"refusing the state directory {state}" in result.stderr
-    named = state if loose == "state" else tmp_path / "parent"
-    assert f"{named} is writable by group/others (mode 0777 without the sticky bit): run chmod go-w" in result.stderr
+    mode = "mode 0666" if loose == "file" else "mode 0777 without the sticky bit"
+    assert f"{named} is writable by group/others ({mode}): run chmod go-w" in result.stderr
     assert not (cgroups.warden_parent() / names[0]).exists() and not (tmp_path / "pins").exists()
 
 

@@ -163,7 +163,7 @@ def agent_command(policy_path: Path, events_file: Path | None, events_max_bytes:
 def _check_state_dir(state_dir: Path) -> None:
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     _refuse_if_others_can_change(state_dir, f"the state directory {state_dir}", "decides which quarantines "
-                                 "outlast a restart and which addresses DNS answers allow again")
+                                 "outlast a restart and which addresses DNS answers allow again", files_too=True)
 
 
 def _check_socket_dir(socket_path: Path) -> None:
@@ -180,11 +180,15 @@ def _check_events_file(events_file: Path | None) -> None:
                                      "which the agent (root) would then append events to")
 
 
-def _refuse_if_others_can_change(directory: Path, what: str, because: str) -> None:
+def _refuse_if_others_can_change(directory: Path, what: str, because: str, files_too: bool = False) -> None:
+    """`files_too`: also the files in it (one planted before the directory was closed)."""
     try:
         problems = permission_problems(str(directory), os.stat(directory), what=f"directory {directory} ")
     except FileNotFoundError:
         problems = [f"directory {directory} does not exist"]
+    if files_too and not problems:
+        problems = [p for entry in sorted(directory.iterdir()) if entry.is_file()
+                    for p in permission_problems(str(entry), os.stat(entry), what=f"{entry} ")]
     if problems:
         click.echo(f"warden agent: refusing {what}: whoever can change {directory} {because}.\n"
                    + "\n".join(f"  {p}" for p in problems), err=True)
