@@ -112,8 +112,12 @@ class Agent:
         self._dns_events: queue.SimpleQueue = queue.SimpleQueue()  # from the proxy's thread
         self.workloads: dict[str, RunningWorkload] = {}
         self._lock = threading.RLock()
-        self._stop = threading.Event()
-        self._reload_wanted = threading.Event()
+        # Set from signal handlers, so plain flags: a handler can be interrupted by the next
+        # signal, and one inside threading.Event.set would wait forever on the lock its own
+        # thread holds (an agent sent SIGINT and SIGTERM together never stopped).
+        self._stop_requested = False
+        self._reload_requested = False
+        self._stopping = threading.Event()  # wakes the accounting thread
         self._lost_reported = 0
         self._joined_by_agent: dict[int, str] = {}
         self._repeats = RepeatFolder()
@@ -178,14 +182,14 @@ class Agent:
         accounting = threading.Thread(target=self._account_traffic_every_second, name="traffic-accounting",
                                       daemon=True)
         accounting.start()
-        while not self._stop.is_set():
+        while not self._stop_requested:
             self.kernel.poll(100)
             if self._accounting_failure:
                 raise self._accounting_failure
             self._publish_dns_events()
             self._publish_repeats()
-            if self._reload_wanted.is_set():
-                self._reload_wanted.clear()
+            if self._reload_requested:
+                self._reload_requested = False
                 self.reload()
             if time.monotonic() >= next_check:
                 next_check = time.monotonic() + _LOST_CHECK_SECONDS
@@ -193,6 +197,7 @@ class Agent:
                     self._report_lost_records()
                     self._attach_new_unit_cgroups()
                 self.dns.sweep()
+        self._stopping.set()
         accounting.join()
         self._save_traffic_record()
         self.dns.stop()
@@ -202,7 +207,8 @@ class Agent:
             "enforcement": "left attached: workloads stay enforced until the agent returns"}))
 
     def stop(self) -> None:
-        self._stop.set()
+        """Ask `run` to return (within its 0.1 s poll). Safe in a signal handler: takes no lock."""
+        self._stop_requested = True
 
     def _publish_repeats(self, everything: bool = False) -> None:
         with self._lock:
@@ -210,7 +216,8 @@ class Agent:
                 self._publish(summary)
 
     def request_reload(self) -> None:
-        self._reload_wanted.set()
+        """Ask `run` to reload the policy. Safe in a signal handler: takes no lock."""
+        self._reload_requested = True
 
     def reload(self) -> Event:
         """Apply the policy file again. An invalid policy is refused and the one in force stays.
@@ -644,7 +651,7 @@ class Agent:
         try:
             while True:
                 self._account_traffic(self.kernel.traffic_changes())
-                if self._stop.wait(_ACCOUNTING_SECONDS):
+                if self._stopping.wait(_ACCOUNTING_SECONDS):
                     return
         except BaseException as failure:
             self._accounting_failure = failure

@@ -627,3 +627,20 @@ def test_detach_ends_enforcement_on_purpose(lab, start_agent, names):
     assert not cgroup.exists()
     assert left.wait(timeout=5) == -signal.SIGKILL
     assert not agent.pin_dir.exists()
+
+
+def test_a_storm_of_signals_never_wedges_the_agent(start_agent, names):
+    # A signal can arrive while the handler of the one before still runs (`systemctl reload`
+    # in a loop; Ctrl-C and SIGTERM together): a handler that took a lock then waited forever
+    # on the lock its own thread held.
+    wl = names[0]
+    agent = start_agent(allow_provider(wl), [wl])
+    sent = 0
+    end = time.monotonic() + 2
+    while time.monotonic() < end:
+        agent.process.send_signal(signal.SIGHUP)
+        sent += 1
+    assert agent.stop() == 0, f"the agent did not stop after {sent} SIGHUPs:\n{agent.log.read_text()}"
+    kinds = [e["kind"] for e in agent.events()]
+    assert kinds[-1] == "agent_stopped"
+    assert kinds.count("policy_loaded") >= 2  # the requests were acted on, not lost
