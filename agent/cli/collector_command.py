@@ -6,7 +6,7 @@ import json
 import logging
 import signal
 import sys
-import threading
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -98,11 +98,14 @@ def collector_command(ctx: click.Context, config_path: Path | None, **flags) -> 
     except Exception as e:  # noqa: BLE001 - a store that cannot be opened: say which and why, no trace
         click.echo(f"warden collector: cannot open the store: {e}", err=True)
         sys.exit(1)
-    stopping = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
-    signal.signal(signal.SIGINT, lambda *_: stopping.set())
+    # Handlers only append (no lock): one can be interrupted by the next signal, and a
+    # threading.Event.set there would wait forever on the lock its own thread holds.
+    stop_signals: list[int] = []
+    signal.signal(signal.SIGTERM, lambda signum, _: stop_signals.append(signum))
+    signal.signal(signal.SIGINT, lambda signum, _: stop_signals.append(signum))
     notify(f"READY=1\nSTATUS=collecting from {len(config.agents)} agent(s)")
-    stopping.wait()
+    while not stop_signals:
+        time.sleep(0.2)
     notify("STOPPING=1")
     collector.stop()
 

@@ -90,6 +90,7 @@ class Collector:
         if self.output is not None:
             self.output.close()
         self.store.close()
+        log.info("collector: stopped; %d event(s) stored since it started", self.rate.total)
 
     def status(self) -> dict:
         return {"store": self.store.description, "events_per_second": round(self.rate.per_second(), 1),
