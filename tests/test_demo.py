@@ -50,7 +50,8 @@ def test_demo_tells_the_story_and_cleans_up(action, acted):
     assert_nothing_left(out)
 
 
-def test_ctrl_c_cleans_up_everything():
+def interrupt_after_the_first_call(before_ctrl_c=lambda output: None) -> str:
+    """Run the demo and press Ctrl-C once the router called its provider; its whole output."""
     # As in a terminal, whatever the test run's own SIGINT: a shell ignores it in the jobs it
     # starts in the background, and Python (the demo) then keeps ignoring it.
     demo = subprocess.Popen(DEMO, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -60,6 +61,7 @@ def test_ctrl_c_cleans_up_everything():
         seen.append(line)
         if "router | call api.provider.test" in line:
             break
+    before_ctrl_c("".join(seen))
     # A terminal's Ctrl-C reaches the whole foreground process group: demo, agent, router.
     os.killpg(demo.pid, signal.SIGINT)
     rest, _ = demo.communicate(timeout=60)
@@ -67,3 +69,20 @@ def test_ctrl_c_cleans_up_everything():
     assert demo.returncode == 130, output
     assert "cleaned up" in output
     assert_nothing_left(output)
+    return output
+
+
+def test_ctrl_c_cleans_up_everything():
+    assert "did not stop" not in interrupt_after_the_first_call()
+
+
+def test_an_agent_that_does_not_stop_is_killed_and_everything_still_cleaned_up():
+    def wedge_the_agent(output: str) -> None:
+        _, _, files = what_it_made(output)
+        agents = subprocess.run(["pgrep", "-f", f"agent.cli agent --policy {files}"], capture_output=True,
+                                text=True).stdout.split()
+        assert len(agents) == 1, agents
+        os.kill(int(agents[0]), signal.SIGSTOP)  # deaf to SIGTERM; SIGKILL still ends it
+
+    output = interrupt_after_the_first_call(wedge_the_agent)
+    assert "the agent did not stop within 15 s of SIGTERM: killed it" in output

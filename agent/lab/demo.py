@@ -185,7 +185,15 @@ class Demo:
         self._cleaning.set()
         if self.agent is not None and self.agent.poll() is None:
             self.agent.terminate()
-            self.agent.wait(timeout=15)
+            try:
+                self.agent.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.agent.kill()
+                self.agent.wait()
+                log_tail = (self.tmp / "agent.log").read_text().splitlines()[-5:]
+                self.say("demo", "the agent did not stop within 15 s of SIGTERM: killed it; its log ended:")
+                for line in log_tail:
+                    self.say("agent", line)
         cgroup = cgroups.warden_parent() / self.workload
         if cgroup.exists():
             detach_all(cgroup)  # the agent leaves them attached on purpose (fail closed)
