@@ -18,6 +18,16 @@ from agent.events.redact import REDACTED, redact_cmdline
      ["python", "-c", "print(1)", REDACTED, f"x={REDACTED}"]),
     (["curl", "-H", "Authorization: Bearer eyJhbGciOi.payload.sig", "https://api.test"],
      ["curl", "-H", f"Authorization: Bearer {REDACTED}", "https://api.test"]),
+    # inside one argument: a shell line, a --flag=NAME=value, a query string, headers
+    (["sh", "-c", "litellm --api_key hunter2 --master_key 'hunter3' --port 4000"],
+     ["sh", "-c", f"litellm --api_key {REDACTED} --master_key '{REDACTED}' --port 4000"]),
+    (["docker", "run", "--env=AZURE_API_KEY=0123abcd", "--set=llm.api_key=abc123", "img"],
+     ["docker", "run", f"--env=AZURE_API_KEY={REDACTED}", f"--set=llm.api_key={REDACTED}", "img"]),
+    (["router", "--db", "postgresql://db/x?user=u&password=hunter2&sslmode=require", "--db-pass", "hunter2"],
+     ["router", "--db", f"postgresql://db/x?user=u&password={REDACTED}&sslmode=require", "--db-pass", REDACTED]),
+    (["curl", "-H", "Authorization: Basic dXNlcjpwYXNz", "-H", "X-Api-Key: hunter2"],
+     ["curl", "-H", f"Authorization: Basic {REDACTED}", "-H", f"X-Api-Key: {REDACTED}"]),
+    (["router", "postgresql://llm:hunt@r2@db/x"], ["router", f"postgresql://llm:{REDACTED}@db/x"]),
     (["litellm", "--config", "/etc/litellm/config.yaml", "--num_workers", "4"],
      ["litellm", "--config", "/etc/litellm/config.yaml", "--num_workers", "4"]),
 ])

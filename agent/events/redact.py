@@ -4,9 +4,10 @@ A command line goes into the events that name its process: to the events file, t
 every collector, far beyond the host, where /proc shows it to local users only. Routers are
 often given their keys on the command line (`litellm --api_key sk-...`, a database URL with
 its password, `env OPENAI_API_KEY=...`), so what looks like a secret becomes REDACTED: the
-value of an option or assignment whose name says key, token, secret, password, credential or
-auth; a URL's password; a bearer token; and anything in the shape of a well-known provider or
-cloud key, wherever it appears. Too much is taken rather than too little: an investigator
+value of an option or assignment whose name says key, token, secret, pass(word), credential or
+auth, also inside one argument (a shell line, `--env=NAME=value`, a query string, a header); a
+URL's password; a bearer or basic credential; and anything in the shape of a well-known
+provider or cloud key, wherever it appears. Too much is taken rather than too little: an investigator
 still sees which option held what."""
 from __future__ import annotations
 
@@ -14,15 +15,20 @@ import re
 
 REDACTED = "<redacted>"
 
-_SECRET_NAME = re.compile(r"^(-{1,2})?[\w.-]*(key|token|secret|passw(or)?d|pwd|credential|auth)[\w.-]*$",
-                          re.IGNORECASE)
+_SECRET_WORD = r"[\w.-]*(?:key|token|secret|pass|pwd|credential|auth)[\w.-]*"
+_SECRET_NAME = re.compile(rf"^(-{{1,2}})?{_SECRET_WORD}$", re.IGNORECASE)
 _IN_TEXT = [
     # Provider and cloud key shapes: OpenAI/Anthropic, AWS access keys, Google, GitHub, Slack,
     # Hugging Face.
     (re.compile(r"\b(sk-[A-Za-z0-9_-]{16,}|A[KS]IA[0-9A-Z]{16}|AIza[0-9A-Za-z_-]{35}|gh[pousr]_[A-Za-z0-9]{30,}"
                 r"|xox[abprs]-[A-Za-z0-9-]{10,}|hf_[A-Za-z0-9]{30,})"), REDACTED),
-    (re.compile(r"(://[^/\s:@]*:)[^/\s@]+(@)"), rf"\g<1>{REDACTED}\g<2>"),  # scheme://user:PASSWORD@
-    (re.compile(r"(\bbearer\s+)\S+", re.IGNORECASE), rf"\g<1>{REDACTED}"),
+    (re.compile(r"(://[^/\s:@]*:)[^/\s]+(@)"), rf"\g<1>{REDACTED}\g<2>"),  # scheme://user:PASSWORD@ (it may hold @)
+    (re.compile(r"(\b(?:bearer|basic)\s+)\S+", re.IGNORECASE), rf"\g<1>{REDACTED}"),
+    # Inside one argument: NAME=value (`--env=API_KEY=...`, `?password=...`, a shell line), a
+    # header `X-Api-Key: value`, and `--option value` in a line a shell will split.
+    (re.compile(rf"(\b{_SECRET_WORD}=)[^\s&;,'\"]+", re.IGNORECASE), rf"\g<1>{REDACTED}"),
+    (re.compile(rf"^({_SECRET_WORD}:\s*)(?!(?:bearer|basic)\s)\S+", re.IGNORECASE), rf"\g<1>{REDACTED}"),
+    (re.compile(rf"((?:^|\s)-{{1,2}}{_SECRET_WORD}\s+['\"]?)(?!-)[^\s'\"]+", re.IGNORECASE), rf"\g<1>{REDACTED}"),
 ]
 
 
