@@ -255,6 +255,32 @@ def test_the_spool_bound_drops_the_oldest_and_a_resume_learns_how_many(lab, star
         assert read_all(api, batched, since_seq=lost.seq)[0].seq == spool.oldest_seq
 
 
+def test_a_subscriber_the_bound_overtakes_while_it_streams_learns_exactly_what_it_missed(lab, start_agent, names):
+    wl = names[0]
+    agent = start_agent(policy(wl), [wl], agent_args=["--spool-max-bytes", "40000"])
+    with unix_stub(agent) as api:
+        stream = api.WatchEvents(pb.WatchEventsRequest(since_seq=0, follow=True), timeout=120)
+        first = next(stream)  # the stream is open and has read its first page; now it stalls
+        flood(lab, agent, wl, seconds=3).wait(timeout=30)
+        published = [e["seq"] for e in settle(agent)]
+        assert api.GetStatus(pb.GetStatusRequest(), timeout=10).spool.oldest_seq > 1000  # far beyond the cursor
+        seen, lost = [first.seq], []
+        for event in stream:
+            detail = json.loads(event.detail_json)
+            if event.kind == "events_lost" and detail["where"].startswith("spool bound"):
+                lost.append((detail["first_seq"], detail["last_seq"], detail["count"]))
+            else:
+                seen.append(event.seq)
+            if event.seq >= published[-1]:
+                break
+        stream.cancel()
+    assert lost and seen == sorted(seen)
+    # Every seq published is either delivered or in a range an events_lost names, with its count right.
+    missing = sorted(set(published) - set(seen))
+    assert missing == [s for s in published if any(first <= s <= last for first, last, _ in lost)]
+    assert sum(count for _, _, count in lost) == len(missing)
+
+
 def test_the_events_file_rotates_by_size_and_the_spool_keeps_every_event(lab, start_agent, names):
     wl = names[0]
     agent = start_agent(policy(wl), [wl], agent_args=["--events-max-bytes", "20000", "--events-keep", "2"])

@@ -152,18 +152,22 @@ class AgentService(pb_grpc.AgentServicer):
             self._streams.release()
 
     def _read_pages(self, request, context) -> Iterator[list[pb.Event]]:
+        """Every page reports first what the spool's bound dropped before this stream read it,
+        at its start (a resume from before the oldest event held) or while it runs (a slow
+        subscriber the bound overtook)."""
         filters = Filters(tuple(request.workloads), tuple(request.kinds), request.pid)
         with self.spool.reader() as reader:
-            lost, after = self._start(request, reader, filters)
-            if lost is not None:
-                yield [lost]
+            after = self._start_after(request, reader, filters)
             while context.is_active():
                 upto = self.spool.committed
-                rows = reader.after(after, filters, upto)
-                yield from _split_by_size(rows)
-                if rows:
-                    after = rows[-1][0]
-                    if len(rows) == reader.page:
+                page = reader.page_after(after, filters, upto)
+                if page.lost:
+                    yield [self._lost_event(page.lost, after + 1, page.last_lost)]
+                    after = page.last_lost
+                yield from _split_by_size(page.rows)
+                if page.rows:
+                    after = page.rows[-1][0]
+                    if len(page.rows) == reader.page:
                         continue
                 after = max(after, upto)  # everything up to `upto` has been read, matching or not
                 if not request.follow:
@@ -172,17 +176,14 @@ class AgentService(pb_grpc.AgentServicer):
                 if self.spool.closed:
                     return
 
-    def _start(self, request, reader: SpoolReader, filters: Filters) -> tuple[pb.Event | None, int]:
-        """(the events_lost event to send first, or None; the seq the stream continues after).
-        A resume from before the oldest event held gets events_lost, whose seq is the last lost one."""
+    @staticmethod
+    def _start_after(request, reader: SpoolReader, filters: Filters) -> int:
+        """The seq the stream starts after."""
         if request.since_seq or not (request.since_time or request.last):
-            lost, last_lost = reader.lost_after(request.since_seq)
-            if lost:
-                return self._lost_event(lost, request.since_seq + 1, last_lost), last_lost
-            return None, request.since_seq
+            return request.since_seq
         if request.since_time:
-            return None, reader.seq_before_time(request.since_time)
-        return None, reader.seq_before_last(request.last, filters)
+            return reader.seq_before_time(request.since_time)
+        return reader.seq_before_last(request.last, filters)
 
     def _lost_event(self, count: int, first: int, last: int) -> pb.Event:
         event = Event(EventKind.EVENTS_LOST, detail={

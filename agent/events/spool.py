@@ -87,6 +87,13 @@ class CrashGap:
                      "last moments may be missing from the spool (the events file has them)"})
 
 
+@dataclass(frozen=True)
+class Page:
+    lost: int  # events the bound dropped before the subscriber read them
+    last_lost: int
+    rows: list[tuple[int, str]]  # (seq, JSON body)
+
+
 class SpoolAhead(Exception):
     """The spool holds seqs this run would hand out again."""
 
@@ -293,9 +300,21 @@ class SpoolReader:
 
     page = 512
 
+    def page_after(self, seq: int, filters: Filters, upto: int) -> "Page":
+        """What a subscriber that has read up to `seq` gets next: how many events after it the
+        bound dropped (reported, then skipped), and up to `page` of the events after those that
+        pass `filters`, up to `upto` (at most `committed`: only durable events are read). Both
+        come from one snapshot, so a prune between them can neither hide a loss nor count a
+        held event as lost."""
+        self._db.execute("BEGIN")
+        try:
+            lost, last_lost = self.lost_after(seq)
+            return Page(lost, last_lost, self.after(max(seq, last_lost), filters, upto))
+        finally:
+            self._db.execute("COMMIT")
+
     def after(self, seq: int, filters: Filters, upto: int) -> list[tuple[int, str]]:
-        """Up to `page` events with `seq` < seq <= `upto` that pass `filters`, in seq order.
-        `upto` is at most `committed`: only durable events are read."""
+        """Up to `page` events with `seq` < seq <= `upto` that pass `filters`, in seq order."""
         where, args = filters.sql()
         return self._db.execute(
             f"SELECT seq, body FROM events WHERE seq > ? AND seq <= ?{where} ORDER BY seq LIMIT ?",
@@ -303,8 +322,7 @@ class SpoolReader:
 
     def lost_after(self, seq: int) -> tuple[int, int]:
         """(how many events after `seq` the bound dropped, the last dropped seq)."""
-        oldest = self._db.execute("SELECT min(seq) FROM events").fetchone()[0] or self._spool.committed + 1
-        last = oldest - 1
+        last = self._last_dropped()
         if seq >= last:
             return 0, 0
         gap_seqs = sum(
@@ -312,6 +330,11 @@ class SpoolReader:
             for g_first, g_last in self._db.execute(
                 "SELECT first, last FROM gaps WHERE last > ? AND first <= ?", (seq, last)))
         return last - seq - gap_seqs, last
+
+    def _last_dropped(self) -> int:
+        """The seq before the oldest event held; with none held, the newest written (all are gone)."""
+        oldest = self._db.execute("SELECT min(seq) FROM events").fetchone()[0]
+        return oldest - 1 if oldest else Spool._meta(self._db, "high_seq")
 
     def seq_before_time(self, since: float) -> int:
         row = self._db.execute("SELECT seq FROM events WHERE time >= ? ORDER BY seq LIMIT 1", (since,)).fetchone()
@@ -322,5 +345,5 @@ class SpoolReader:
         row = self._db.execute(
             f"SELECT seq FROM events WHERE seq <= ?{where} ORDER BY seq DESC LIMIT 1 OFFSET ?",
             [self._spool.committed, *args, count - 1]).fetchone()
-        return row[0] - 1 if row else 0
+        return row[0] - 1 if row else self._last_dropped()  # fewer held: all of them, nothing lost
 
