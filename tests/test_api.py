@@ -11,6 +11,7 @@ import time
 import grpc
 import pytest
 
+from agent.events.redact import MAX_CMDLINE_CHARS
 from agentproc import workload_policy, write_policy
 from apiclient import flood, free_port, pb, read_all, read_batches, tls_stub, unix_stub, settle
 from certs import Authority
@@ -279,6 +280,25 @@ def test_a_subscriber_the_bound_overtakes_while_it_streams_learns_exactly_what_i
     missing = sorted(set(published) - set(seen))
     assert missing == [s for s in published if any(first <= s <= last for first, last, _ in lost)]
     assert sum(count for _, _, count in lost) == len(missing)
+
+
+def test_a_router_with_a_huge_command_line_cannot_stop_a_subscriber(lab, start_agent, names):
+    wl = names[0]
+    agent = start_agent(policy(wl), [wl])
+    # 15 of the longest arguments Linux takes, of bytes that are not UTF-8: each becomes U+FFFD,
+    # six bytes in JSON. Whole, the event would be larger than a gRPC message may be.
+    junk = os.fsdecode(b"\xff" * (128 * 1024 - 1))
+    probe = ["probe", Lab.ATTACKER4, "443", "--seconds", "1", "--interval", "0.1"]  # alive while the agent reads it
+    router = lab.run_in_router(agent.router_cmd(wl, *probe, *["--tag", junk] * 15),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert json.loads(router.communicate(timeout=30)[0])["refused"] > 0
+    published = settle(agent)
+    with unix_stub(agent) as api:
+        streamed = read_all(api, since_seq=0)
+    assert [e.seq for e in streamed] == [e["seq"] for e in published]
+    denied = next(e for e in streamed if e.kind == "egress_denied")
+    *kept, cut = denied.process.cmdline
+    assert sum(map(len, kept)) == MAX_CMDLINE_CHARS and cut.endswith("more characters not kept>")
 
 
 def test_the_events_file_rotates_by_size_and_the_spool_keeps_every_event(lab, start_agent, names):

@@ -15,6 +15,7 @@ import psutil
 import pytest
 
 from agent import cgroups
+from agent.actions import MAX_LISTED
 from agent.daemon import Agent
 from agent.events import EventBus, JsonLinesSink
 from agent.events.lines import LinesOutput
@@ -239,7 +240,8 @@ def test_quarantine_freezes_keeps_evidence_and_release_restores(lab, in_process_
     wl = names[0]
     provider = lab.serve(Lab.PROVIDER4, 443)
     agent, events = in_process_agent(allow_provider(wl, on_violation="quarantine"), [wl])
-    env = {**os.environ, "OPENAI_API_KEY": "sk-never-in-evidence"}
+    fillers = {f"ZZ_FILLER_{i}": "x" for i in range(MAX_LISTED)}  # more names than evidence lists
+    env = {**os.environ, "OPENAI_API_KEY": "sk-never-in-evidence", **fillers}
     router = start_router(lab, [*WARDEN, "run", wl, "--", sys.executable, ROUTER, "hold", Lab.PROVIDER4, "443"],
                           env=env, cwd=REPO)
     assert read_json(router)["connected"]
@@ -252,7 +254,8 @@ def test_quarantine_freezes_keeps_evidence_and_release_restores(lab, in_process_
     assert cgroups.is_frozen(cgroups.warden_parent() / wl)
     assert router.pid in quarantine["detail"]["frozen_pids"]
     evidence = next(e for e in quarantine["detail"]["evidence"] if e["pid"] == router.pid)
-    assert "OPENAI_API_KEY" in evidence["environment_names"]
+    assert "OPENAI_API_KEY" in evidence["environment_names"] and len(evidence["environment_names"]) == MAX_LISTED
+    assert evidence["environment_names_not_listed"] > 0
     assert len(evidence["exe_sha256"]) == 64
     assert any(s["remote"] == f"{Lab.PROVIDER4}:443" for s in evidence["sockets"])
     assert "sk-never-in-evidence" not in events.read_text()

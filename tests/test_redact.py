@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from agent.events.redact import REDACTED, redact_cmdline
+from agent.events.redact import MAX_CMDLINE_CHARS, REDACTED, publishable_cmdline, redact_cmdline
 
 
 @pytest.mark.parametrize("argv, expected", [
@@ -33,3 +33,12 @@ from agent.events.redact import REDACTED, redact_cmdline
 ])
 def test_secrets_in_command_lines_are_redacted(argv, expected):
     assert redact_cmdline(argv) == expected
+
+
+def test_a_long_command_line_is_cut_after_its_secrets_are_taken_out():
+    key = "sk-" + "a" * 40
+    argv = ["router", "x" * (MAX_CMDLINE_CHARS - 10), key, "y" * 100]  # the cut falls inside the key
+    *kept, cut = publishable_cmdline(argv)
+    assert kept == ["router", "x" * (MAX_CMDLINE_CHARS - 10), REDACTED[:4]]
+    assert cut == f"<{len(REDACTED) - 4 + 100} more characters not kept>"
+    assert publishable_cmdline(["router", "--port", "4000"]) == ["router", "--port", "4000"]

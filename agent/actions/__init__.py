@@ -10,7 +10,7 @@ from typing import Any, Callable, Iterable
 import psutil
 
 from agent import cgroups
-from agent.events.redact import redact_cmdline
+from agent.events.redact import publishable_cmdline
 from agent.kernel.sockets import process_sockets
 
 
@@ -65,13 +65,25 @@ def _sha256(path: str) -> str | None:
     return digest.hexdigest()
 
 
-def _environment_names(pid: int) -> list[str]:
+# Evidence travels in one event: a process with a million sockets or a megabyte of environment
+# must not make it too large to stream (the rest is counted, not listed).
+MAX_LISTED = 256
+MAX_NAME_CHARS = 256
+
+
+def _environment_names(pid: int) -> set[str]:
     # Names only: values hold the very provider keys we guard, and evidence travels far.
     try:
         raw = Path(f"/proc/{pid}/environ").read_bytes()
     except OSError:
-        return []
-    return sorted({entry.split(b"=", 1)[0].decode(errors="replace") for entry in raw.split(b"\0") if entry})
+        return set()
+    return {entry.split(b"=", 1)[0].decode(errors="replace")[:MAX_NAME_CHARS] for entry in raw.split(b"\0") if entry}
+
+
+def _listed(record: dict[str, Any], key: str, items: list) -> None:
+    record[key] = items[:MAX_LISTED]
+    if len(items) > MAX_LISTED:
+        record[f"{key}_not_listed"] = len(items) - MAX_LISTED
 
 
 def evidence(pid: int) -> dict[str, Any]:
@@ -79,7 +91,7 @@ def evidence(pid: int) -> dict[str, Any]:
     record: dict[str, Any] = {"pid": pid}
     try:
         proc = psutil.Process(pid)
-        record["cmdline"] = redact_cmdline(proc.cmdline())
+        record["cmdline"] = publishable_cmdline(proc.cmdline())
         record["exe"] = proc.exe()
         record["uid"] = proc.uids().real
         record["start_time"] = proc.create_time()
@@ -87,10 +99,10 @@ def evidence(pid: int) -> dict[str, Any]:
         record["gone"] = True
         return record
     record["exe_sha256"] = _sha256(f"/proc/{pid}/exe")
-    record["sockets"] = [
+    _listed(record, "sockets", [
         {"protocol": s.protocol_name, "local": f"{s.local_ip}:{s.local_port}",
          "remote": f"{s.remote_ip_unmapped}:{s.remote_port}", "state": s.state}
         for s in process_sockets(pid)
-    ]
-    record["environment_names"] = _environment_names(pid)
+    ])
+    _listed(record, "environment_names", sorted(_environment_names(pid)))
     return record

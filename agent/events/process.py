@@ -14,7 +14,7 @@ from pathlib import Path
 import psutil
 
 from agent.events.model import ProcessInfo
-from agent.events.redact import redact_cmdline
+from agent.events.redact import publishable_cmdline
 
 _CAPACITY = 4096
 _TICKS_PER_SECOND = os.sysconf("SC_CLK_TCK")
@@ -61,7 +61,7 @@ def _read(pid: int, ppid: int, started: int, comm: str) -> ProcessInfo:
     try:
         info.uid = _real_uid(pid)
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")[:-1]
-        info.cmdline = redact_cmdline(argv) or None
+        info.cmdline = publishable_cmdline(argv) or None
         info.exe = os.readlink(f"/proc/{pid}/exe")
     except (FileNotFoundError, ProcessLookupError, PermissionError):
         pass  # gone meanwhile, a zombie, or a kernel thread: what was read stays

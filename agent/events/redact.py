@@ -14,6 +14,10 @@ from __future__ import annotations
 import re
 
 REDACTED = "<redacted>"
+# An argv may hold megabytes (up to 6 MiB on Linux); every event naming the process carries it
+# to the spool, the events file and each collector, and one too large for a gRPC message would
+# stop every subscriber at its seq. What routers are started with fits easily.
+MAX_CMDLINE_CHARS = 4096
 
 _SECRET_WORD = r"[\w.-]*(?:key|token|secret|pass|pwd|credential|auth)[\w.-]*"
 _SECRET_NAME = re.compile(rf"^(-{{1,2}})?{_SECRET_WORD}$", re.IGNORECASE)
@@ -30,6 +34,21 @@ _IN_TEXT = [
     (re.compile(rf"^({_SECRET_WORD}:\s*)(?!(?:bearer|basic)\s)\S+", re.IGNORECASE), rf"\g<1>{REDACTED}"),
     (re.compile(rf"((?:^|\s)-{{1,2}}{_SECRET_WORD}\s+['\"]?)(?!-)[^\s'\"]+", re.IGNORECASE), rf"\g<1>{REDACTED}"),
 ]
+
+
+def publishable_cmdline(argv: list[str]) -> list[str]:
+    """`argv` redacted, then cut to MAX_CMDLINE_CHARS, the cut said in a last element.
+    Redacted before it is cut: a cut secret would no longer look like one."""
+    kept: list[str] = []
+    room = MAX_CMDLINE_CHARS
+    redacted = redact_cmdline(argv)
+    for i, arg in enumerate(redacted):
+        if len(arg) > room:
+            left_out = len(arg) - room + sum(len(rest) for rest in redacted[i + 1:])
+            return [*kept, arg[:room], f"<{left_out} more characters not kept>"]
+        kept.append(arg)
+        room -= len(arg)
+    return kept
 
 
 def redact_cmdline(argv: list[str]) -> list[str]:
