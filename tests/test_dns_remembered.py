@@ -61,3 +61,14 @@ def test_many_names_of_one_address_keep_one_answer_and_addresses_are_bounded(tmp
     rows = json.loads((tmp_path / ANSWERS_FILE).read_text())["answers"]
     assert [(name, address) for _, name, address, _ in rows] == [
         ("cdn.azure.test", "198.18.2.2"), ("cdn.azure.test", "198.18.2.3"), ("cdn.azure.test", "198.18.2.4")]
+
+
+def test_a_wall_clock_stepped_back_never_lengthens_a_restored_answer(tmp_path, monkeypatch):
+    earlier = RememberedAnswers(tmp_path)
+    earlier.note("wl", "a.test", "198.18.1.10", time.monotonic_ns() + 60 * 10**9)
+    earlier.save_if_changed()
+
+    wall_clock = time.time
+    monkeypatch.setattr(time, "time", lambda: wall_clock() - 86400)  # set back a day, between the agents
+    [(_, _, expires)] = RememberedAnswers(tmp_path).take_earlier("wl")
+    assert abs(expires - (time.monotonic_ns() + 60 * 10**9)) < 10**9  # the minute it had left, not a day more

@@ -114,3 +114,78 @@ def test_fuzzed_queries_parse_or_fail_cleanly(packet):
         assert wire.error_reply(packet, wire.RCODE_FORMERR, None) is None or len(packet) >= 12
         return
     assert len(query.question.name) <= 255
+
+
+def pointer_chain_response(chain: int, records: int) -> bytes:
+    """A response whose first record's data holds `chain` compression pointers, each to the one
+    before it (the first to the question's name), followed by `records` records whose owner
+    names point at the chain's end: each such name takes chain + 1 pointer hops."""
+    question = b"\x01a\x00" + struct.pack("!HH", wire.TYPE_A, wire.CLASS_IN)
+    chain_start = 12 + len(question) + len(QNAME_POINTER) + 10
+    pointers = [0xC000 | 12] + [0xC000 | (chain_start + 2 * i) for i in range(chain - 1)]
+    chain_end = chain_start + 2 * (chain - 1)
+    carrier = rr(QNAME_POINTER, 16, 30, b"".join(struct.pack("!H", p) for p in pointers))  # TXT: data not read
+    owners = [rr(struct.pack("!H", 0xC000 | chain_end), 16, 30, b"")] * records
+    return struct.pack("!HHHHHH", 7, 0x8180, 1, 1 + records, 0, 0) + question + carrier + b"".join(owners)
+
+
+def test_a_long_chain_of_compression_pointers_is_refused():
+    # The reviewer's packet: 8,150 pointers, each backwards, and 4,100 records at the chain's
+    # end. Every pointer was legal, so each record walked the whole chain (5.4 s on the proxy's
+    # one thread); no legal name needs more than 128 hops.
+    packet = pointer_chain_response(chain=8150, records=4100)
+    assert len(packet) <= wire.MAX_UDP_PAYLOAD
+    with pytest.raises(wire.DnsFormatError, match="compression pointers"):
+        wire.parse_response(packet)
+
+
+@pytest.mark.parametrize("chain, refused", [(127, False), (128, True)])
+def test_a_name_takes_at_most_128_pointer_hops(chain, refused):
+    # 127 one-byte labels (255 bytes with the root), each reached through a pointer, and one
+    # more pointer to the root: the most hops a legal name takes.
+    packet = pointer_chain_response(chain=chain, records=1)
+    if refused:
+        with pytest.raises(wire.DnsFormatError, match="compression pointers"):
+            wire.parse_response(packet)
+    else:
+        assert wire.parse_response(packet).answers[-1].name == "a"
+
+
+@pytest.mark.parametrize("labels, refused", [((63, 63, 63, 61), False), ((63, 63, 63, 62), True)])
+def test_a_name_is_at_most_255_bytes_on_the_wire(labels, refused):
+    encoded = b"".join(bytes([size]) + b"a" * size for size in labels) + b"\0"
+    assert len(encoded) == (256 if refused else 255)
+    packet = HEADER_QUERY + encoded + struct.pack("!HH", wire.TYPE_A, wire.CLASS_IN)
+    if refused:
+        with pytest.raises(wire.DnsFormatError, match="longer than 255 bytes"):
+            wire.parse_query(packet)
+    else:
+        assert wire.parse_query(packet).question.name == ".".join("a" * size for size in labels)
+
+
+CLASS_CHAOS = 3
+
+
+def chaos_rr(rtype: int, rdata: bytes) -> bytes:
+    """A record of the question's name in class CHAOS, not IN."""
+    return QNAME_POINTER + struct.pack("!HHIH", rtype, CLASS_CHAOS, 20, len(rdata)) + rdata
+
+
+def test_addresses_of_another_class_than_internet_are_never_answers():
+    packet = answer("alias.example", [
+        rr(QNAME_POINTER, wire.TYPE_A, 20, bytes([192, 0, 2, 1])),
+        chaos_rr(wire.TYPE_A, bytes([192, 0, 2, 2])),
+        chaos_rr(wire.TYPE_AAAA, bytes(16)),
+        chaos_rr(wire.TYPE_CNAME, b"\x03cdn\x05other\0"),
+        rr(b"\x03cdn\x05other\0", wire.TYPE_A, 20, bytes([192, 0, 2, 3])),
+    ])
+    response = wire.parse_response(packet)
+    assert [r.value for r in wire.addresses_for(response, "alias.example")] == ["192.0.2.1"]
+
+
+def test_a_ttl_with_the_top_bit_set_is_handed_out_as_the_zero_it_is_read_as():
+    packet = answer("alias.example", [rr(QNAME_POINTER, wire.TYPE_A, 0x80000001, bytes([192, 0, 2, 1]))])
+    response = wire.parse_response(packet)
+    assert response.answers[0].ttl == 0
+    capped = wire.cap_ttls(packet, response, 3600)
+    assert struct.unpack_from("!I", capped, response.answers[0].ttl_offset) == (0,)

@@ -94,15 +94,21 @@ class RememberedAnswers:
                 to_wall = wall_minus_monotonic()
                 rows = [[workload, name, address, round(expires / 1e9 + to_wall, 3)]
                         for (workload, address), (name, expires) in self._answers.items()]
-            replace_file(self.path, json.dumps({"answers": rows}))
+                saved_at = round(time.monotonic() + to_wall, 3)
+            replace_file(self.path, json.dumps({"saved_at": saved_at, "answers": rows}))
             self._saved_at = time.monotonic()
 
     def _load(self) -> dict[tuple[str, str], tuple[str, int]]:
         """An unreadable file costs connections, not safety (nothing is allowed that the policy in
         force does not allow): it is reported and the agent starts without it."""
         try:
-            rows = json.loads(self.path.read_text())["answers"]
-            to_wall = wall_minus_monotonic()
+            saved = json.loads(self.path.read_text())
+            rows = saved["answers"]
+            # A wall clock set back since the save (by hand, or by NTP between the agents) would
+            # lengthen every answer by as much: it is taken to stand at the save at least, so no
+            # answer lasts longer than it had left then (its TTL, at most MAX_TTL, plus grace).
+            # A file of an agent before saved_at has none: its answers are restored as they were.
+            to_wall = max(wall_minus_monotonic(), float(saved.get("saved_at", 0)) - time.monotonic())
             # Never 0: an entry expiring at 0 would be static, allowed for good.
             return {(str(workload), str(address)): (str(name), max(1, int((float(until) - to_wall) * 1e9)))
                     for workload, name, address, until in rows}

@@ -1,7 +1,8 @@
 """The DNS wire format (RFC 1035), as much as the proxy needs: read a query's question, read
 an answer's records, build refusals, cap TTLs. Every packet here comes from an untrusted
 router or resolver, so reading is bounded: names are at most 255 bytes, compression pointers
-may only point backwards (no loops), and every read is checked against the packet's end."""
+may only point backwards (no loops), a name follows at most MAX_POINTERS of them, and every
+read is checked against the packet's end."""
 from __future__ import annotations
 
 import socket
@@ -12,6 +13,10 @@ HEADER = struct.Struct("!HHHHHH")
 MAX_UDP_PAYLOAD = 65535
 MAX_NAME = 255
 MAX_LABEL = 63
+# 127 one-byte labels (255 bytes with the root), each reached through a pointer, and one more
+# pointer to the root: the most a legal name takes. Pointing backwards alone bounds a name only
+# by the 14-bit offsets (8,190 hops), and every record of a response may point at such a chain.
+MAX_POINTERS = MAX_NAME // 2 + 1
 
 TYPE_A = 1
 TYPE_CNAME = 5
@@ -84,7 +89,8 @@ def _header(packet: bytes) -> tuple[int, int, int, int, int, int]:
 def read_name(packet: bytes, offset: int) -> tuple[str, int]:
     """The name at `offset` and the offset just past it (past the first pointer, if any)."""
     labels: list[str] = []
-    length = 0
+    length = 1  # the root's zero byte, which ends every name
+    pointers = 0
     end = None
     lowest_pointer_target = offset
     while True:
@@ -100,6 +106,9 @@ def read_name(packet: bytes, offset: int) -> tuple[str, int]:
                 raise DnsFormatError("compression pointer does not point backwards (a loop)")
             if target < HEADER.size:
                 raise DnsFormatError("compression pointer into the header")
+            pointers += 1
+            if pointers > MAX_POINTERS:
+                raise DnsFormatError(f"name follows more than {MAX_POINTERS} compression pointers")
             if end is None:
                 end = offset + 2
             lowest_pointer_target = target
@@ -190,24 +199,27 @@ def _record(packet: bytes, offset: int) -> tuple[Record, int]:
 
 
 def addresses_for(response: Response, name: str) -> list[Record]:
-    """The A/AAAA records that answer `name`, following its CNAME chain in the answer."""
+    """The A/AAAA records that answer `name`, following its CNAME chain in the answer. Only
+    class IN: other classes name no internet host, and their A/AAAA records have no address."""
+    internet = [record for record in response.answers if record.rclass == CLASS_IN]
     names = {name}
     grew = True
     while grew:
         grew = False
-        for record in response.answers:
+        for record in internet:
             if record.rtype == TYPE_CNAME and record.name in names and record.value not in names:
                 names.add(record.value)
                 grew = True
-    return [r for r in response.answers if r.rtype in (TYPE_A, TYPE_AAAA) and r.name in names]
+    return [r for r in internet if r.rtype in (TYPE_A, TYPE_AAAA) and r.name in names]
 
 
 def cap_ttls(packet: bytes, response: Response, ttl: int) -> bytes:
-    """The packet with every answer's TTL lowered to at most `ttl`."""
+    """The packet with every answer's TTL lowered to at most `ttl`. Every TTL is written as it
+    was read: one with the top bit set goes out as the 0 the agent reads it as (and allows its
+    addresses for, plus grace), not as a number a router could take for 68 years."""
     out = bytearray(packet)
     for record in response.answers:
-        if record.ttl > ttl:
-            struct.pack_into("!I", out, record.ttl_offset, ttl)
+        struct.pack_into("!I", out, record.ttl_offset, min(record.ttl, ttl))
     return bytes(out)
 
 
