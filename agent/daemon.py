@@ -283,13 +283,18 @@ class Agent:
         if dns is not None:
             self.dns.set_workload(spec.name, dns)
             self._open_dns_for(running, [p for c in running.cgroup_dirs for p in cgroups.pids(c)])
-        self.kernel.set_workload(running.index, mode=spec.mode, quarantined=running.quarantined, dns=dns is not None)
+        self._set_kernel_state(running)
         if dns is None:
             self.dns.set_workload(spec.name, None)
         if spec.match.systemd_unit and running.unit_cgroup is None:
             running.unit_cgroup = cgroups.find_unit_cgroup(spec.match.systemd_unit, self._cgroup_root)
         for cgroup in running.cgroup_dirs:
             self._guard_cgroup(running, cgroup)
+
+    def _set_kernel_state(self, running: RunningWorkload) -> None:
+        """The workload's mode, quarantine and DNS redirection, as the kernel must hold them."""
+        self.kernel.set_workload(running.index, mode=running.spec.mode, quarantined=running.quarantined,
+                                 dns=bool(NameMatcher(running.spec.allow)))
 
     @staticmethod
     def _dns_config(running: RunningWorkload) -> WorkloadDns | None:
@@ -572,7 +577,7 @@ class Agent:
             running = self._running(name)
             # Deny-all in the kernel first: it takes effect at once, freezing takes a moment.
             running.quarantined_since = running.quarantined_since or time.time()
-            self.kernel.set_workload(running.index, mode=running.spec.mode, quarantined=True)
+            self._set_kernel_state(running)
             self._save_quarantines()
             return self._freeze_with_evidence(running, self._cause(cause))
 
@@ -604,7 +609,7 @@ class Agent:
         with self._lock:
             running = self._running(name)
             running.quarantined_since = None
-            self.kernel.set_workload(running.index, mode=running.spec.mode, quarantined=False)
+            self._set_kernel_state(running)
             self._save_quarantines()
             actions.thaw(running.cgroup_dirs)
             return self._publish(Event(EventKind.ACTION_RELEASE, workload=name, action="release",

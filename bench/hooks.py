@@ -112,7 +112,7 @@ def warden_programs(cgroup: Path) -> Iterator[KernelPrograms]:
     pin_dir = Path("/sys/fs/bpf") / f"ew-bench-{secrets.token_hex(4)}"
     programs = KernelPrograms(pin_dir=pin_dir)
     try:
-        programs.set_workload(0, mode="enforce", quarantined=False)
+        programs.set_workload(0, mode="enforce", quarantined=False, dns=False)
         programs.replace_allowlist(0, [AllowEntry(ipaddress.ip_network(f"{Lab.PROVIDER4}/32"), "tcp", PROVIDER_PORT)])
         programs.guard(cgroup, cgroups.cgroup_id(cgroup), 0)
         yield programs

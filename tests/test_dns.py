@@ -13,6 +13,7 @@ from hypothesis import given, settings, strategies as st
 
 from agent.dns import wire
 from agent.kernel.netns import in_netns_of
+from apiclient import pb, unix_stub
 from agentproc import outcome, unique_name, workload_policy, write_policy
 from agent.lab.dns_server import DnsServer
 from agent.lab.network import Lab
@@ -297,6 +298,16 @@ def test_ttls_handed_out_are_capped_to_what_the_agent_honours(lab, start_agent, 
     wl = unique_name("dns")
     agent = start_agent(dns_policy(wl, upstream=long_lived), [wl])
     assert query(lab, agent, wl, "api.provider.test")["ttls"] == [3600]
+
+
+def test_a_released_workload_resolves_through_the_proxy_again(lab, start_agent, dns_server):
+    wl = unique_name("dns")
+    agent = start_agent(dns_policy(wl), [wl])
+    assert query(lab, agent, wl, "api.provider.test")["rcodes"] == {"0": 1}
+    with unix_stub(agent) as api:
+        api.Quarantine(pb.WorkloadRequest(workload=wl), timeout=10)
+        api.Release(pb.WorkloadRequest(workload=wl), timeout=10)
+    assert query(lab, agent, wl, "api.provider.test")["rcodes"] == {"0": 1}
 
 
 def test_a_restarted_agent_answers_again(lab, start_agent, dns_server):

@@ -209,7 +209,7 @@ class KernelPrograms:
 
     # --- maps ----------------------------------------------------------------------
 
-    def set_workload(self, index: int, *, mode: str, quarantined: bool, dns: bool = False) -> None:
+    def set_workload(self, index: int, *, mode: str, quarantined: bool, dns: bool) -> None:
         """Activate or update a workload. Bumps its generation, so the egress backstop
         re-judges every established socket against the current allowlist."""
         table = self._bpf[b"workloads"]
