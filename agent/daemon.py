@@ -401,7 +401,10 @@ class Agent:
                 continue
             enforcing = spec.mode == "enforce"
             if enforcing:
-                destroy_socket(pid, sock)
+                try:
+                    destroy_socket(pid, sock)
+                except (FileNotFoundError, ProcessLookupError):
+                    continue  # the socket or its process went meanwhile: nothing is left to cut
             self._publish(Event(
                 EventKind.SOCKET_DESTROYED if enforcing else EventKind.EGRESS_OBSERVED,
                 workload=spec.name, process=describe_process(pid),

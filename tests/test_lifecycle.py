@@ -236,6 +236,25 @@ def test_a_long_traffic_tick_does_not_hold_back_a_kill(lab, in_process_agent, na
         held.release.set()
 
 
+def test_a_bug_in_a_record_handler_stops_the_agent_rather_than_losing_the_record(lab, in_process_agent, names,
+                                                                                 monkeypatch):
+    wl = names[0]
+    agent, _ = in_process_agent(allow_provider(wl), [wl])
+    raised = []
+    monkeypatch.setattr(threading, "excepthook", raised.append)
+
+    def broken_handler(record):
+        raise RuntimeError("a bug in a handler")
+
+    agent._on_verdict = broken_handler
+    lab.run_in_router([*WARDEN, "run", wl, "--", sys.executable, ROUTER, "tcp", Lab.ATTACKER4, "443"],
+                      stdout=-1, stderr=-1, cwd=REPO).wait(timeout=10)
+    deadline = time.monotonic() + 5
+    while not raised and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert [str(failure.exc_value) for failure in raised] == ["a bug in a handler"]  # run() raised it
+
+
 def test_quarantine_freezes_keeps_evidence_and_release_restores(lab, in_process_agent, names):
     wl = names[0]
     provider = lab.serve(Lab.PROVIDER4, 443)

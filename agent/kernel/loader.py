@@ -386,10 +386,25 @@ class KernelPrograms:
     # --- events ----------------------------------------------------------------------
 
     def on_record(self, handler: Callable[[KernelRecord], None]) -> None:
-        self._bpf[b"events"].open_ring_buffer(lambda _ctx, data, size: handler(decode(data, size)))
+        # ctypes prints an exception raised in a callback and carries on, so a bug in a handler
+        # would lose its record (and the kill it should cause) with no more than a line on
+        # stderr. It is kept, the read stops there (a negative return), and poll raises it.
+        def call_handler(_ctx, data, size) -> int:
+            try:
+                handler(decode(data, size))
+            except BaseException as e:
+                self._handler_failure = e
+                return -1
+            return 0
+
+        self._handler_failure: BaseException | None = None
+        self._bpf[b"events"].open_ring_buffer(call_handler)
 
     def poll(self, timeout_ms: int) -> None:
         self._bpf.ring_buffer_poll(timeout_ms)
+        failure, self._handler_failure = self._handler_failure, None
+        if failure is not None:
+            raise failure
 
     def close(self) -> None:
         """Release the programs and maps held by this process. Attachments stay: the
