@@ -54,7 +54,8 @@ class RunningWorkload:
     spec: Workload
     index: int
     cgroup: Path  # egress-warden/NAME: where `warden run` and discovery put processes
-    unit_cgroup: Path | None = None  # the systemd unit's own cgroup, once it exists
+    unit_cgroup: Path | None = None  # the systemd unit's own cgroup, while it exists
+    unit_cgroup_id: int = 0  # its id: systemd makes a new cgroup (same path, new id) each time the unit starts
     quarantined_since: float | None = None  # seconds since the epoch
     bound_ids: set[int] = field(default_factory=set)
 
@@ -78,6 +79,13 @@ def allow_entries(spec: Workload) -> list[AllowEntry]:
         if rule.kind == "cidr"
         for port in (rule.ports or (PORT_ANY,))
     ]
+
+
+def _cgroup_id_if_exists(cgroup: Path | None) -> int:
+    try:
+        return cgroups.cgroup_id(cgroup) if cgroup is not None else 0
+    except FileNotFoundError:
+        return 0
 
 
 def _log_unfinished(action: str, workload: str, outcome: dict[str, Any], consequence: str = "") -> None:
@@ -191,11 +199,13 @@ class Agent:
             if self._reload_requested:
                 self._reload_requested = False
                 self.reload()
-            if time.monotonic() >= next_check:
+            searching = time.monotonic() >= next_check
+            with self._lock:
+                self._follow_unit_cgroups(search=searching)
+            if searching:
                 next_check = time.monotonic() + _LOST_CHECK_SECONDS
                 with self._lock:
                     self._report_lost_records()
-                    self._attach_new_unit_cgroups()
                 self.dns.sweep()
         self._stopping.set()
         accounting.join()
@@ -286,10 +296,9 @@ class Agent:
         self._set_kernel_state(running)
         if dns is None:
             self.dns.set_workload(spec.name, None)
-        if spec.match.systemd_unit and running.unit_cgroup is None:
-            running.unit_cgroup = cgroups.find_unit_cgroup(spec.match.systemd_unit, self._cgroup_root)
-        for cgroup in running.cgroup_dirs:
-            self._guard_cgroup(running, cgroup)
+        self._guard_cgroup(running, running.cgroup)
+        if not self._follow_unit_cgroup(running, search=True) and running.unit_cgroup is not None:
+            self._guard_cgroup(running, running.unit_cgroup)
 
     def _set_kernel_state(self, running: RunningWorkload) -> None:
         """The workload's mode, quarantine and DNS redirection, as the kernel must hold them."""
@@ -334,16 +343,47 @@ class Agent:
         self.kernel.add_members(running.index, pids)
         self._open_dns_for(running, pids)
 
-    def _attach_new_unit_cgroups(self) -> None:
+    def _follow_unit_cgroups(self, search: bool) -> None:
+        """Every 0.1 s the unit cgroups known are checked (a stat each), and once a second the
+        missing ones are searched for: a router unit that restarts runs in a new cgroup, which
+        no program guards until the agent finds it."""
         for running in self.workloads.values():
-            unit = running.spec.match.systemd_unit
-            if unit and running.unit_cgroup is None:
-                running.unit_cgroup = cgroups.find_unit_cgroup(unit, self._cgroup_root)
-                if running.unit_cgroup is not None:
-                    self._guard_cgroup(running, running.unit_cgroup)
-                    if running.quarantined:  # systemd started the unit again (a reboot, a restart)
-                        self._freeze_with_evidence(running, {"cause": "unit_started",
-                                                             "quarantined_since": running.quarantined_since})
+            if running.unit_cgroup is not None or search:
+                self._follow_unit_cgroup(running, search)
+
+    def _follow_unit_cgroup(self, running: RunningWorkload, search: bool) -> bool:
+        """Keep the workload on its unit's cgroup as it is now. systemd removes a unit's cgroup
+        when the unit stops and makes a new one at the same path when it starts again; the
+        programs and the binding went with the old one. True if it changed."""
+        unit = running.spec.match.systemd_unit
+        found = running.unit_cgroup if not search else cgroups.find_unit_cgroup(unit, self._cgroup_root) if unit else None
+        found_id = _cgroup_id_if_exists(found)
+        if found_id == running.unit_cgroup_id and found == running.unit_cgroup:
+            return False
+        self._leave_unit_cgroup(running, keep=found)
+        if found_id:
+            running.unit_cgroup, running.unit_cgroup_id = found, found_id
+            try:
+                self._guard_cgroup(running, found)
+            except FileNotFoundError:  # stopped again meanwhile: found at the next look
+                self._leave_unit_cgroup(running, keep=None)
+                return True
+            if running.quarantined and running.spec.name not in self._quarantined_before:
+                # systemd started the unit again (a restart, a reboot): the earlier agent's
+                # quarantines are frozen by _keep_earlier_quarantines.
+                self._freeze_with_evidence(running, {"cause": "unit_started",
+                                                     "quarantined_since": running.quarantined_since})
+        return True
+
+    def _leave_unit_cgroup(self, running: RunningWorkload, keep: Path | None) -> None:
+        """Forget the unit cgroup guarded so far: gone (its id is free for reuse), or no longer
+        the policy's unit (its programs come off)."""
+        if running.unit_cgroup_id:
+            self.kernel.unbind_cgroup(running.unit_cgroup_id)
+            running.bound_ids.discard(running.unit_cgroup_id)
+        if running.unit_cgroup is not None and running.unit_cgroup != keep and running.unit_cgroup.exists():
+            self.kernel.detach(running.unit_cgroup)
+        running.unit_cgroup, running.unit_cgroup_id = None, 0
 
     def _retire(self, running: RunningWorkload) -> None:
         """A workload gone from the policy: its processes are no longer guarded."""

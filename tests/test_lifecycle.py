@@ -371,6 +371,28 @@ def test_a_quarantine_outlasts_an_agent_restart(lab, start_agent, names):
     assert datagram_arrives(router_socket, provider) and listed["state"] == "guarded" and listed["quarantined_since"] == 0
 
 
+def test_a_restarted_unit_is_guarded_again_and_a_stopped_one_breaks_no_reload(lab, start_agent, names, unit_cgroup):
+    """systemd removes a unit's cgroup when the unit stops, and makes a new one (a new id at
+    the same path) when it starts again: the programs went with the old one."""
+    wl = names[0]
+    lab.serve(Lab.ATTACKER4, 443)
+    policy = allow_provider(wl, match=f"{{systemd_unit: {unit_cgroup.name}}}")
+    agent = start_agent(policy, [wl])
+    unit_cgroup.rmdir()  # the unit stops
+    before = len(agent.events())
+    agent.reload(policy)
+    agent.wait_for(lambda e: e["kind"] == "policy_loaded", after=before)
+    unit_cgroup.mkdir()  # and starts again, its router trying the attacker from the first moment
+    router = start_router(lab, ["sh", "-c", f'echo $$ > {unit_cgroup}/cgroup.procs && exec "$0" "$@"',
+                                sys.executable, ROUTER, "probe", Lab.ATTACKER4, "443", "--seconds", "2",
+                                "--interval", "0.02"])
+    probed = read_json(router)
+    assert probed["refused"] > probed["connected"]  # guarded again within 0.1 s of the start
+    agent.wait_for(lambda e: e["kind"] == "egress_denied" and e["process"]["pid"] == router.pid)
+    reloads = sum(e["kind"] == "policy_loaded" for e in agent.events())
+    assert reloads == 2 and agent.process.poll() is None
+
+
 def test_a_unit_that_starts_while_its_workload_is_quarantined_is_frozen_too(lab, start_agent, names, unit_cgroup):
     """After a reboot systemd starts the router's unit again, in a cgroup the agent finds later."""
     wl = names[0]

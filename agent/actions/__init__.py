@@ -2,6 +2,7 @@
 quarantine it (deny-all in the kernel, freeze, keep evidence) and later release it."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import time
 from pathlib import Path
@@ -45,13 +46,16 @@ def _outcome(outcome: dict[str, Any], unfinished: list[str]) -> dict[str, Any]:
 def _attempt(action: Callable[[Path], None], cgroup: Path, unfinished: list[str]) -> None:
     try:
         action(cgroup)
+    except FileNotFoundError:
+        pass  # removed meanwhile (its unit stopped): no process is left there to act on
     except cgroups.CgroupError as e:
         unfinished.append(str(e))
 
 
 def thaw(cgroup_dirs: Iterable[Path]) -> None:
     for cgroup in cgroup_dirs:
-        cgroups.thaw(cgroup)
+        with contextlib.suppress(FileNotFoundError):  # removed meanwhile: nothing is frozen there
+            cgroups.thaw(cgroup)
 
 
 def _sha256(path: str) -> str | None:
