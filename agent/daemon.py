@@ -416,7 +416,10 @@ class Agent:
 
     def _adopt(self, running: RunningWorkload, pid: int) -> None:
         try:
-            if running.contains(cgroups.cgroup_of_pid(pid, self._cgroup_root)):
+            # In another workload already (`warden run`, its unit): moving it would be an escape
+            # from that one, and its violation action.
+            current = cgroups.cgroup_of_pid(pid, self._cgroup_root)
+            if any(w.contains(current) for w in self.workloads.values()):
                 return
             self._joined_by_agent[pid] = "matched the workload's match.exe/match.cmdline"
             cgroups.move_pid(running.cgroup, pid)

@@ -371,6 +371,27 @@ def test_a_quarantine_outlasts_an_agent_restart(lab, start_agent, names):
     assert datagram_arrives(router_socket, provider) and listed["state"] == "guarded" and listed["quarantined_since"] == 0
 
 
+def test_a_match_never_takes_a_process_of_another_workload(lab, start_agent, names, tmp_path):
+    started, matching = names[0], names[1]
+    tag = unique_name("both")
+    (tmp_path / "tag").write_text(tag)  # read by the shell: only the router's own cmdline holds the tag
+    rules = f"{{cidr: {Lab.PROVIDER4}/32, ports: [443], protocol: tcp}}"
+    policy = policy_of(workload_entry(started, rules, on_violation="kill"),
+                       workload_entry(matching, rules, match=f"{{cmdline: ['{tag}']}}"))
+    agent = start_agent(policy, [started, matching])
+    lab.serve(Lab.PROVIDER4, 443)
+    router = start_router(lab, ["sh", "-c", f'echo $$ > {agent.cgroup(started)}/cgroup.procs && exec "$0" "$@" '
+                                f'--tag "$(cat {tmp_path / "tag"})"', sys.executable, ROUTER, "hold", Lab.PROVIDER4, "443"])
+    assert read_json(router)["connected"]
+    before = len(agent.events())
+    agent.reload(policy)  # adoption scans every process again
+    agent.wait_for(lambda e: e["kind"] == "policy_loaded", after=before)
+    time.sleep(0.3)
+    assert router.poll() is None and router.pid in cgroups.pids(agent.cgroup(started))
+    assert not [e["kind"] for e in agent.events() if e["kind"] in ("cgroup_escape", "action_kill")]
+    router.kill()
+
+
 def test_a_restarted_unit_is_guarded_again_and_a_stopped_one_breaks_no_reload(lab, start_agent, names, unit_cgroup):
     """systemd removes a unit's cgroup when the unit stops, and makes a new one (a new id at
     the same path) when it starts again: the programs went with the old one."""
