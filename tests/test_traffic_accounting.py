@@ -7,6 +7,8 @@ from __future__ import annotations
 import socket
 import time
 
+import pytest
+
 from agent.kernel.loader import TrafficCounter
 from agent.policy import Budget, parse_policy
 from agent.traffic import BudgetWatch, SpikeWatch, TrafficWatch
@@ -69,7 +71,7 @@ def test_a_tick_takes_what_changed_keeps_the_rest_and_forgets_what_the_kernel_ev
     assert left.bytes == 500 and [p.pid for p in watch.processes()] == [11]
     watch.tick([counter(11, PROVIDER, 200)], workloads, now=104.0)  # evicted and counted afresh between reads
     (again,) = watch.destinations("app")
-    assert (again.bytes, again.rate) == (200, 0.0)
+    assert (again.bytes, again.rate) == (200, 200.0)  # all of the new counter was sent since the last read
     watch.tick([], workloads, now=105.0, gone=[counter(11, PROVIDER, 200)])
     assert watch.destinations("app") == [] and watch.processes() == []
 
@@ -91,6 +93,25 @@ def test_budget_counts_only_the_window_and_reports_a_crossing_once():
     # 61 s after the baseline, the window starts at the 30 s sample: 62000 - 58000 is under.
     assert watch.check("app", (budget,), [destination(PROVIDER, 62_000)], now=91.0) == []
     assert len(watch.check("app", (budget,), [destination(PROVIDER, 75_000)], now=95.0)) == 1  # again
+
+
+@pytest.mark.parametrize("eviction", ["gone", "counted_afresh"])
+def test_an_evicted_counter_keeps_the_budget_window_it_was_part_of(eviction):
+    """An idle counter toward the provider (sent long before the window) is evicted from the
+    kernel's LRU map at 30 s; the busy one's 11 KB in the window still cross 10 KB."""
+    watch = TrafficWatch()
+    workloads = {0: spec("""    budgets:
+      - cidr: 198.18.1.0/24
+        bytes_per_minute: 10KB
+        action: alert""")}
+    assert watch.tick([counter(10, PROVIDER, 50_000), counter(11, PROVIDER, 0)], workloads, now=0.0) == ([], [])
+    watch.tick([counter(11, PROVIDER, 4000)], workloads, now=20.0)
+    if eviction == "gone":
+        watch.tick([counter(11, PROVIDER, 6000)], workloads, now=30.0, gone=[counter(10, PROVIDER, 50_000)])
+    else:  # evicted and made again by one packet of 100 bytes between two reads
+        watch.tick([counter(10, PROVIDER, 100), counter(11, PROVIDER, 6000)], workloads, now=30.0)
+    crossings, _ = watch.tick([counter(11, PROVIDER, 11_000)], workloads, now=50.0)
+    assert [c.window_bytes for c in crossings] == [11_000 + (100 if eviction == "counted_afresh" else 0)]
 
 
 def test_fqdn_budget_matches_the_names_the_dns_proxy_gave():

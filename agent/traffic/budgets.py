@@ -70,13 +70,16 @@ class BudgetWatch:
         self._used: dict[tuple[str, Cover], int] = {}  # as of the last check
 
     def check(self, workload: str, budgets: tuple[Budget, ...], destinations: list[DestinationTraffic],
-              now: float) -> list[BudgetCrossing]:
+              now: float, retired: list[DestinationTraffic] = ()) -> list[BudgetCrossing]:
+        """`retired`: what counters evicted since the last check held (TrafficMeter.retired)."""
         crossings, used_by_cover = [], {}
         for budget in budgets:
             covered = [d for d in destinations if budget_covers(budget, d)]
             cover = _cover(budget)
             if cover not in used_by_cover:
-                used_by_cover[cover] = self._window_bytes((workload, cover), sum(d.bytes for d in covered), now)
+                left = sum(d.bytes for d in retired if budget_covers(budget, d))
+                used_by_cover[cover] = self._window_bytes((workload, cover), sum(d.bytes for d in covered), now,
+                                                          left)
                 self._used[(workload, cover)] = used_by_cover[cover].bytes
             used, key = used_by_cover[cover], (workload, budget)
             if used.bytes > budget.bytes_per_minute and key not in self._over:
@@ -89,10 +92,15 @@ class BudgetWatch:
         self._forget_budgets_not_in(workload, budgets)
         return crossings
 
-    def _window_bytes(self, key: tuple[str, Cover], total: int, now: float) -> _Used:
+    def _window_bytes(self, key: tuple[str, Cover], total: int, now: float, retired: int = 0) -> _Used:
         history = self._history.setdefault(key, deque())
+        if retired:
+            # Evicted counters took their bytes out of the total, not out of what was sent: the
+            # samples lose them too, so the window keeps what it held (an idle counter's eviction,
+            # which a router can cause by forking, once restarted the window from nothing).
+            history = self._history[key] = deque((at, sent - retired) for at, sent in history)
         if history and total < history[-1][1]:
-            history.clear()  # counters evicted from the kernel's LRU, or a reboot: start afresh
+            history.clear()  # a reboot emptied the kernel's counters: start afresh
         if history and now - history[-1][0] > self.window_seconds:
             return self._after_unwatched_gap(history, total, now)
         history.append((now, total))

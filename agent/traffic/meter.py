@@ -94,6 +94,7 @@ class TrafficMeter:
         self._workload_names: dict[int, str] = {}
         self._previous_time: float | None = None
         self._comms: dict[int, str] = {}
+        self._retired: dict[tuple[int, DestinationKey], _Totals] = {}  # by the last tick's evictions
 
     @property
     def has_rates(self) -> bool:
@@ -109,16 +110,18 @@ class TrafficMeter:
         of what the meter reports. A destination's totals move by what its counters moved, so
         a tick costs what changed."""
         elapsed = now - self._previous_time if self._previous_time is not None else 0.0
+        self._retired = {}
         for c in gone:
             key = _key(c)
-            totals = self._counters.pop(key, None)
-            if totals is not None:
-                self._moving.discard(key)
-                self._add_to_destination(key, -totals.bytes, -totals.packets, -1)
+            if key in self._counters:
+                self._retire(key)
         touched, moving, grown_by_destination = set(), set(), {}
         for c in changed:
             key = _key(c)
             totals = self._counters.get(key)
+            if totals and c.bytes < totals.bytes:  # evicted and counted afresh between two reads
+                self._retire(key)
+                totals = None
             start = totals.bytes if totals else (c.bytes if elapsed == 0 else 0)
             grown = max(c.bytes - start, 0)
             if totals:
@@ -137,6 +140,16 @@ class TrafficMeter:
         self._moving = moving
         self._rate_destinations(grown_by_destination, elapsed)
         self._workload_names, self._previous_time = dict(workload_names), now
+
+    def _retire(self, key: CounterKey) -> None:
+        """A counter the kernel evicted: its bytes leave the destination's total, and are
+        kept for the tick as retired (a budget's window must not take them for bytes unsent)."""
+        totals = self._counters.pop(key)
+        self._moving.discard(key)
+        index, destination = self._add_to_destination(key, -totals.bytes, -totals.packets, -1)
+        retired = self._retired.setdefault((index, destination), _Totals(0, 0))
+        retired.bytes += totals.bytes
+        retired.packets += totals.packets
 
     def _add_to_destination(self, key: CounterKey, sent: int, packets: int,
                             counters: int) -> tuple[int, DestinationKey]:
@@ -184,6 +197,12 @@ class TrafficMeter:
                  for index, name in self._workload_names.items() if name == workload
                  for destination, totals in self._destinations.get(index, {}).items()]
         return sorted(found, key=lambda d: -d.bytes)
+
+    def retired(self, workload: str) -> list[DestinationTraffic]:
+        """Per destination, the bytes of the workload's counters evicted at the last tick."""
+        return [self._destination(destination, totals)
+                for (index, destination), totals in self._retired.items()
+                if self._workload_names.get(index) == workload]
 
     def _destination(self, destination: DestinationKey, totals: _Totals) -> DestinationTraffic:
         address, port, protocol, listen = destination

@@ -26,7 +26,7 @@ class TrafficWatch:
         crossings, anomalies = [], []
         for spec in workloads.values():
             destinations = self.meter.destinations(spec.name)
-            crossings += self.budgets.check(spec.name, spec.budgets, destinations, now)
+            crossings += self.budgets.check(spec.name, spec.budgets, destinations, now, self.meter.retired(spec.name))
             if rates_known:
                 anomalies += self.spikes.check(spec.name, spec.spike, destinations, now)
         names = {spec.name for spec in workloads.values()}
