@@ -243,10 +243,14 @@ class KernelPrograms:
         self._bpf[b"config"][ctypes.c_int(0)] = ctypes.c_uint32(int(enabled))
 
     def set_listen_ports(self, index: int, ports: Iterable[int]) -> None:
+        """Only what changed is written: a port deleted and added again by a reload would drop
+        the replies of a connection accepted in between (judged as egress, and refused)."""
         table = self._bpf[b"listen_ports"]
-        for key in [k for k in table.keys() if k.workload == index]:
-            del table[key]
-        for port in ports:
+        wanted = set(ports)
+        held = {k.port: k for k in table.keys() if k.workload == index}
+        for port in held.keys() - wanted:
+            del table[held[port]]
+        for port in wanted - held.keys():
             key = table.Key()
             key.workload = index
             key.port = port
