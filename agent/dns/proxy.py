@@ -37,11 +37,20 @@ log = logging.getLogger(__name__)
 MAX_TTL = 3600  # answers are honoured (and handed out) for at most an hour before a new lookup
 UPSTREAM_TIMEOUT = 2.0  # then the next upstream is asked, if the policy lists one
 ALLOWED_WINDOW = 5.0  # dns_allowed: one event per name and workload per window, with a count
-DENIED_PER_WINDOW = 20  # dns_denied events per workload per window; the rest are counted
+DENIED_PER_WINDOW = 20  # dns_denied events per workload (and mode) per window; the rest are counted
 MAX_PENDING = 16384  # queries waiting for upstream answers; beyond: SERVFAIL (ids are 16 bits)
+# One workload's routers may hold this many of them: a flood leaves the rest to the other
+# workloads and to the agent's own refreshes (which need only a free slot).
+MAX_PENDING_PER_WORKLOAD = MAX_PENDING // 8
+# A query is kept whole while it waits. One question, an OPT record, even a TSIG take a few
+# hundred bytes; a larger query gets FORMERR, not up to 64 KB of a pending slot.
+MAX_QUERY = 4096
 MAX_REMEMBERED_NAMES = 65536  # addresses whose name labels counters and metrics
 TCP_IDLE = 10.0
 TCP_CLIENTS_PER_LISTENER = 64
+# Answers queued for a TCP client beyond what its socket holds. At this many the client's
+# queries wait unread until it reads; an upstream answer arriving then closes it.
+TCP_MAX_QUEUED = 128 << 10
 REFRESH_RETRY = 5.0
 OPEN_RETRY = 5.0  # a namespace where the proxy could not open is tried again after this
 _BUFFER = 4 << 20
@@ -125,6 +134,10 @@ class _TcpClient:
     last_active: float = field(default_factory=time.monotonic)
     closed: bool = False
 
+    @property
+    def backlogged(self) -> bool:
+        return len(self.outbuf) >= TCP_MAX_QUEUED
+
 
 @dataclass
 class _Pending:
@@ -132,7 +145,6 @@ class _Pending:
     workload: str
     query_id: int
     question: wire.Question
-    grants: list[NameGrant]
     respond: Callable[[bytes], None] | None  # None: a refresh of the agent's own
     packet: bytes
     question_end: int | None
@@ -201,14 +213,18 @@ class DnsProxy:
         self._wake_w.setblocking(False)  # a full pipe already means "wake up"
         self._selector.register(self._wake_r, selectors.EVENT_READ, self._on_wake)
         self._pending: dict[tuple[int, int], _Pending] = {}  # (id of the upstream socket, query id)
+        self._pending_by_workload: Counter = Counter()
         self._allowed_counts: Counter = Counter()
-        self._denied_counts: Counter = Counter()  # by workload, this window
+        # By (workload, mode), this window: the summary of a flood carries its events' verdict.
+        self._denied_counts: Counter = Counter()
         self._allowed_addresses: dict[tuple[str, str], list[str]] = {}
         self._next_flush = time.monotonic() + ALLOWED_WINDOW
         self._refresh_at: dict[tuple[str, str, int], float] = {}
-        # (workload index, asked name, address) -> expires_ns last written: a busy name's
-        # answers skip the allow map while the entry there outlives them anyway.
-        self._written: dict[tuple[int, str, str], int] = {}
+        # workload -> (its config, (asked name, address) -> expires_ns last written under that
+        # config): a busy name's answers skip the allow map while the entry there outlives them
+        # anyway. A reload brings a new config, whose grants are written afresh. The proxy's
+        # thread alone touches it, so nothing the agent's thread does is undone here.
+        self._written: dict[str, tuple[WorkloadDns, dict[tuple[str, str], int]]] = {}
         # address -> the name it was last resolved from, for labels in counters and metrics;
         # bounded, the oldest answer forgotten first.
         self._name_of: dict[str, str] = {}
@@ -236,7 +252,6 @@ class DnsProxy:
 
     def set_workload(self, name: str, config: WorkloadDns | None) -> None:
         """Serve (or, with None, stop serving) one workload's DNS."""
-        self._written = {}  # the grants may have changed
         if config is not None:
             self._restore_earlier_answers(config)
             self._workloads = {**self._workloads, name: config}
@@ -374,7 +389,7 @@ class DnsProxy:
             sock.close()
         os.close(listener.netns_fd)
         for key in [k for k, p in self._pending.items() if p.listener is listener]:
-            del self._pending[key]
+            self._take_pending(key)
 
     # --- queries ---------------------------------------------------------------------
 
@@ -392,6 +407,9 @@ class DnsProxy:
             if answer:
                 respond(answer)
             return
+        if len(packet) > MAX_QUERY:
+            respond(wire.error_reply(packet, wire.RCODE_FORMERR, query.question_end))
+            return
         if config is None:
             respond(wire.error_reply(packet, wire.RCODE_REFUSED, query.question_end))
             return
@@ -404,15 +422,15 @@ class DnsProxy:
         if not config.upstreams:
             respond(wire.error_reply(packet, wire.RCODE_SERVFAIL, query.question_end))
             return
-        self._forward(listener, config, query.question, packet, grants, respond, query.question_end,
+        self._forward(listener, config, query.question, packet, respond, query.question_end,
                       over_tcp=protocol == "tcp")
 
     def _forward(self, listener: _Listener | None, config: WorkloadDns, question: wire.Question, packet: bytes,
-                 grants: list[NameGrant], respond: Callable[[bytes], None] | None,
+                 respond: Callable[[bytes], None] | None,
                  question_end: int | None = None, attempt: int = 0, over_tcp: bool = False) -> None:
         upstream = config.upstreams[attempt % len(config.upstreams)]
         sock = listener.upstream_socket(upstream[0])
-        if sock is None or len(self._pending) >= MAX_PENDING:
+        if sock is None or not self._room_to_wait(config.name, refresh=respond is None):
             if respond:
                 respond(wire.error_reply(packet, wire.RCODE_SERVFAIL, question_end))
             return
@@ -421,16 +439,31 @@ class DnsProxy:
         ident = secrets.randbits(16)
         while (id(sock), ident) in self._pending:
             ident = secrets.randbits(16)
-        self._pending[(id(sock), ident)] = _Pending(
-            listener, config.name, struct.unpack_from("!H", packet)[0], question, grants, respond, packet,
-            question_end, time.monotonic() + UPSTREAM_TIMEOUT, attempt, over_tcp)
+        key = (id(sock), ident)
+        self._hold_pending(key, _Pending(
+            listener, config.name, struct.unpack_from("!H", packet)[0], question, respond, packet,
+            question_end, time.monotonic() + UPSTREAM_TIMEOUT, attempt, over_tcp))
         try:
             sock.sendto(wire.with_id(packet, ident), upstream)
         except OSError as e:
-            del self._pending[(id(sock), ident)]
+            self._take_pending(key)
             log.debug("DNS upstream %s: %s", upstream, e)
             if respond:
                 respond(wire.error_reply(packet, wire.RCODE_SERVFAIL, question_end))
+
+    def _room_to_wait(self, workload: str, refresh: bool) -> bool:
+        if len(self._pending) >= MAX_PENDING:
+            return False
+        return refresh or self._pending_by_workload[workload] < MAX_PENDING_PER_WORKLOAD
+
+    def _hold_pending(self, key: tuple[int, int], pending: _Pending) -> None:
+        self._pending[key] = pending
+        self._pending_by_workload[pending.workload] += 1
+
+    def _take_pending(self, key: tuple[int, int]) -> _Pending:
+        pending = self._pending.pop(key)
+        self._pending_by_workload[pending.workload] -= 1
+        return pending
 
     def _on_upstream(self, listener: _Listener | None, sock: socket.socket) -> None:
         for packet, source in _datagrams(sock):
@@ -447,7 +480,7 @@ class DnsProxy:
                 continue  # a later, readable answer may still come; else the query times out
             if response.question != pending.question:
                 continue  # not the answer to what was asked (a spoofing attempt)
-            del self._pending[key]
+            self._take_pending(key)
             if response.truncated and pending.over_tcp:
                 self._ask_over_tcp(pending, (source[0], source[1]))
                 continue
@@ -490,15 +523,17 @@ class DnsProxy:
         self._release(config, pending, packet, response)
 
     def _release(self, config: WorkloadDns, pending: _Pending, packet: bytes, response: wire.Response) -> None:
-        """Allow the answer's addresses first, then hand the answer (with capped TTLs) out."""
+        """Allow the answer's addresses first, then hand the answer (with capped TTLs) out. The
+        grants are those of the policy in force now: a reload may have come while it was asked."""
         name = pending.question.name
+        grants = config.matcher.grants(name)
         records = wire.addresses_for(response, name)
-        if pending.grants and records:
-            self._allow(config, name, pending.grants, records)
+        if grants and records:
+            self._allow(config, name, grants, records)
         if pending.respond is None:
             self._schedule_refresh(config.name, pending.question, records)
             return
-        if pending.grants:
+        if grants:
             counted = (config.name, name)
             self._allowed_counts[counted] += 1
             if counted not in self._allowed_addresses:
@@ -514,21 +549,34 @@ class DnsProxy:
         another; a later expiry within a second), so that a connection made from an answer
         outlives an agent's crash."""
         now = time.monotonic_ns()
+        written = self._written_under(config)
         entries = []
         new = False
         for record in records:
             self._remember_name(record.value, name)
             expires = now + (min(record.ttl, MAX_TTL) + config.grace_seconds) * 1_000_000_000
-            written = (config.index, name, record.value)
-            if self._written.get(written, 0) >= expires - _WRITE_SLACK_NS:
+            if written.get((name, record.value), 0) >= expires - _WRITE_SLACK_NS:
                 continue
-            self._written[written] = expires
+            written[(name, record.value)] = expires
             new |= self._answers.note(config.name, name, record.value, expires)
             entries += _allow_entries(record.value, grants, expires)
         if new:
             self._answers.save_soon()
         if entries:
             self._kernel.allow_until(config.index, entries, _WRITE_SLACK_NS)
+
+    def _written_under(self, config: WorkloadDns) -> dict[tuple[str, str], int]:
+        held = self._written.get(config.name)
+        if held is None or held[0] is not config:
+            held = self._written[config.name] = (config, {})
+        return held[1]
+
+    def _forget_written(self) -> None:
+        """Expired writes, and those of configs no longer in force."""
+        now_ns = time.monotonic_ns()
+        self._written = {workload: (config, {key: expires for key, expires in written.items() if expires > now_ns})
+                         for workload, (config, written) in self._written.items()
+                         if self._workloads.get(workload) is config}
 
     def _restore_earlier_answers(self, config: WorkloadDns) -> None:
         """What the agent before this one allowed by name, as far as the policy in force still
@@ -556,11 +604,11 @@ class DnsProxy:
 
     def _expire_pending(self, now: float) -> None:
         for key in [k for k, p in self._pending.items() if p.deadline <= now]:
-            pending = self._pending.pop(key)
+            pending = self._take_pending(key)
             config = self._workloads.get(pending.workload)
             if config and pending.listener and pending.attempt + 1 < len(config.upstreams):
-                self._forward(pending.listener, config, pending.question, pending.packet, pending.grants,
-                              pending.respond, pending.question_end, pending.attempt + 1, pending.over_tcp)
+                self._forward(pending.listener, config, pending.question, pending.packet, pending.respond,
+                              pending.question_end, pending.attempt + 1, pending.over_tcp)
             elif pending.respond:
                 pending.respond(wire.error_reply(pending.packet, wire.RCODE_SERVFAIL, pending.question_end))
             else:
@@ -584,8 +632,11 @@ class DnsProxy:
     def _on_tcp_ready(self, client: _TcpClient, mask: int) -> None:
         if mask & selectors.EVENT_WRITE:
             self._flush_client(client)
-        if not mask & selectors.EVENT_READ or client.closed:
-            return
+        if mask & selectors.EVENT_READ and not client.closed and not client.backlogged:
+            self._receive(client)
+        self._answer_received(client)
+
+    def _receive(self, client: _TcpClient) -> None:
         try:
             data = client.sock.recv(_TCP_MAX_BUFFER)
         except (BlockingIOError, InterruptedError):
@@ -595,20 +646,28 @@ class DnsProxy:
         if not data:
             self._close_client(client)
             return
+        # Nothing is read from a backlogged client, so one that never reads goes idle and is
+        # closed however fast it sends.
         client.last_active = time.monotonic()
         client.inbuf += data
-        while len(client.inbuf) >= 2:
+
+    def _answer_received(self, client: _TcpClient) -> None:
+        """The complete queries received, until the client is backlogged: the rest wait."""
+        while not client.closed and not client.backlogged and len(client.inbuf) >= 2:
             size = struct.unpack_from("!H", client.inbuf)[0]
             if len(client.inbuf) < 2 + size:
-                break
+                return
             message = bytes(client.inbuf[2:2 + size])
             del client.inbuf[:2 + size]
             self._on_query(client.listener, message, client.peer, "tcp", lambda a, c=client: self._send_tcp(c, a))
-            if client.closed:
-                return
 
     def _send_tcp(self, client: _TcpClient, answer: bytes | None) -> None:
         if client.closed or answer is None:
+            return
+        if client.backlogged:
+            # Only upstream answers to queries read earlier arrive now, and with enough of them
+            # waiting they would pile up without end.
+            self._close_client(client)
             return
         client.outbuf += struct.pack("!H", len(answer)) + answer
         self._flush_client(client)
@@ -622,7 +681,7 @@ class DnsProxy:
         except OSError:
             self._close_client(client)
             return
-        wanted = selectors.EVENT_READ | (selectors.EVENT_WRITE if client.outbuf else 0)
+        wanted = (0 if client.backlogged else selectors.EVENT_READ) | (selectors.EVENT_WRITE if client.outbuf else 0)
         self._selector.modify(client.sock, wanted, self._selector.get_key(client.sock).data)
 
     def _close_client(self, client: _TcpClient) -> None:
@@ -664,7 +723,7 @@ class DnsProxy:
                     self._refresh_at[key] = now + UPSTREAM_TIMEOUT + 1
                     question = wire.Question(fqdn, qtype, wire.CLASS_IN)
                     packet = wire.build_query(0, fqdn, qtype)
-                    self._forward(listener, config, question, packet, config.matcher.grants(fqdn), None, None)
+                    self._forward(listener, config, question, packet, None, None)
 
     def _schedule_refresh(self, workload: str, question: wire.Question, records: list[wire.Record]) -> None:
         ttl = min((r.ttl for r in records), default=REFRESH_RETRY)
@@ -674,15 +733,15 @@ class DnsProxy:
 
     def _report_denied(self, config: WorkloadDns, listener: _Listener, query: wire.Query, peer: Address,
                        protocol: str) -> None:
-        self._denied_counts[config.name] += 1
-        if self._denied_counts[config.name] > DENIED_PER_WINDOW:
+        self._denied_counts[(config.name, config.mode)] += 1
+        if self._denied_counts[(config.name, config.mode)] > DENIED_PER_WINDOW:
             return  # a flood (a tunnel): counted, summed up at the end of the window
         pid = _owner_of(config.pids(), protocol, peer[1])
         enforcing = config.mode == "enforce"
         self._events.put(Event(
             EventKind.DNS_DENIED, workload=config.name, process=describe_process(pid) if pid else None,
             destination=Destination(None, 53, protocol, query.question.name),
-            verdict="deny" if enforcing else "allow",
+            verdict=_denied_verdict(config.mode),
             detail={"qtype": query.question.qtype, "mode": config.mode,
                     "reason": "the name matches no fqdn rule of the workload",
                     "answer": "REFUSED" if enforcing else "forwarded (monitor mode)",
@@ -694,19 +753,23 @@ class DnsProxy:
                 EventKind.DNS_ALLOWED, workload=workload, destination=Destination(None, 53, "dns", name),
                 verdict="allow", detail={"count": count, "window_seconds": ALLOWED_WINDOW,
                                          "addresses": self._allowed_addresses.get((workload, name), [])}))
-        for workload, count in self._denied_counts.items():
+        for (workload, mode), count in self._denied_counts.items():
             if count > DENIED_PER_WINDOW:
                 self._events.put(Event(
-                    EventKind.DNS_DENIED, workload=workload, verdict="deny",
-                    detail={"suppressed": count - DENIED_PER_WINDOW, "window_seconds": ALLOWED_WINDOW,
+                    EventKind.DNS_DENIED, workload=workload, verdict=_denied_verdict(mode),
+                    detail={"suppressed": count - DENIED_PER_WINDOW, "window_seconds": ALLOWED_WINDOW, "mode": mode,
                             "reason": f"more than {DENIED_PER_WINDOW} names denied in the window: "
                                       "the rest are counted, not reported one by one"}))
         self._allowed_counts.clear()
         self._allowed_addresses.clear()
         self._denied_counts.clear()
-        now_ns = time.monotonic_ns()
-        self._written = {k: expires for k, expires in self._written.items() if expires > now_ns}
+        self._forget_written()
         self._next_flush = now + ALLOWED_WINDOW
+
+
+def _denied_verdict(mode: str) -> str:
+    """A name no rule allows is refused in enforce mode and forwarded in monitor mode."""
+    return "deny" if mode == "enforce" else "allow"
 
 
 def _allow_entries(address: str, grants: list[NameGrant], expires_ns: int) -> list[AllowEntry]:
