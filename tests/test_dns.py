@@ -174,6 +174,26 @@ def test_resolved_addresses_survive_a_reload_that_drops_the_same_static_rule(lab
     assert provider.wait_for_bytes(100)
 
 
+def test_a_reload_that_drops_a_name_revokes_its_addresses_as_it_does_a_cidr(lab, start_agent, dns_server):
+    wl = unique_name("dns")
+    provider = lab.serve(Lab.PROVIDER4, 443)
+    named = "{fqdn: api.provider.test, ports: [443], protocol: tcp}"
+    kept = "{fqdn: '*.azure.test', ports: [443], protocol: tcp}"
+    agent = start_agent(dns_policy(wl, rules=f"{named}, {kept}"), [wl])
+    assert query(lab, agent, wl, "api.provider.test")["addresses"] == [Lab.PROVIDER4]
+    router = start_router(lab, agent.router_cmd(wl, "hold", Lab.PROVIDER4, "443"))
+    assert read_json(router)["connected"]
+    send(router, 100)
+    assert provider.wait_for_bytes(100)
+    agent.reload(dns_policy(wl, rules=kept))
+    agent.wait_for(lambda e: e["kind"] == "policy_loaded" and e["seq"] > 2)
+    assert run(lab, agent, wl, "tcp", Lab.PROVIDER4, "443")["errno"] == EPERM  # new connections refused
+    send(router, 100)  # and the established one carries nothing more
+    time.sleep(0.5)
+    assert provider.received_bytes() == 100
+    router.kill()
+
+
 def test_monitor_mode_forwards_and_reports_denied_names(lab, start_agent, dns_server):
     wl = unique_name("dns")
     agent = start_agent(dns_policy(wl, mode="monitor", on_violation="kill"), [wl])

@@ -46,6 +46,10 @@ class RecordingKernel:
     def allow_until(self, index: int, entries, _slack_ns: int = 0) -> None:
         self.allowed += [(index, str(e.network.network_address), e.port) for e in entries]
 
+    def replace_dns_entries(self, index: int, entries) -> None:
+        self.allowed = [a for a in self.allowed if a[0] != index]
+        self.allow_until(index, entries)
+
 
 class Resolver:
     """An upstream resolver on 127.0.0.1 that answers every query with `records` A records of

@@ -253,8 +253,11 @@ class DnsProxy:
     def set_workload(self, name: str, config: WorkloadDns | None) -> None:
         """Serve (or, with None, stop serving) one workload's DNS."""
         if config is not None:
-            self._restore_earlier_answers(config)
+            reloaded = name in self._workloads
             self._workloads = {**self._workloads, name: config}
+            self._restore_earlier_answers(config)
+            if reloaded:
+                self._hold_answers_to(config)
             return
         self._answers.forget_workload(name)
         old = self._workloads.get(name)
@@ -591,6 +594,20 @@ class DnsProxy:
                 entries += _allow_entries(address, grants, expires)
         if entries:
             self._kernel.allow_until(config.index, entries)
+
+    def _hold_answers_to(self, config: WorkloadDns) -> None:
+        """A reload judges again what names allowed, as it does cidr rules: the addresses of a
+        name no rule allows any more, and ports no longer granted, leave the allow map (the
+        agent's generation bump, next, has the backstop cut their established connections)."""
+        entries, revoked = [], []
+        for name, address, expires in self._answers.of(config.name):
+            grants = config.matcher.grants(name)
+            if grants:
+                entries += _allow_entries(address, grants, expires)
+            else:
+                revoked.append(address)
+        self._answers.forget_addresses(config.name, revoked)
+        self._kernel.replace_dns_entries(config.index, entries)
 
     def _remember_name(self, address: str, name: str) -> None:
         self._name_of.pop(address, None)  # re-inserted last: the newest answer is kept longest

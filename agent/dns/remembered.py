@@ -61,6 +61,16 @@ class RememberedAnswers:
                 del self._earlier[key]
         return [(name, address, expires) for (_, address), (name, expires) in mine]
 
+    def of(self, workload: str) -> list[tuple[str, str, int]]:
+        """This agent's answers for `workload` as (name, address, expires_ns)."""
+        with self._lock:
+            return [(name, address, expires) for (held, address), (name, expires) in self._answers.items()
+                    if held == workload]
+
+    def forget_addresses(self, workload: str, addresses: list[str]) -> None:
+        with self._lock:
+            self._drop([key for key in ((workload, address) for address in addresses) if key in self._answers])
+
     def forget(self, workload: str, now_ns: int, still_allowed: Callable[[], set[str]]) -> None:
         """Drop the workload's expired answers whose address the kernel no longer allows by a name
         (an expired entry stays there while an established socket uses it, and so does its answer).

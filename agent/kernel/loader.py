@@ -294,6 +294,26 @@ class KernelPrograms:
                     if ident not in static:
                         self._write_allow(key, entry.expires_ns, entry.rule)
 
+    def replace_dns_entries(self, index: int, entries: Iterable[AllowEntry]) -> None:
+        """Make the workload's entries from DNS answers exactly `entries`: new ones go in before
+        the others go out, so what both allow is never refused in between."""
+        with self._allow_lock:
+            static = self._allowed.get(index, set())
+            dynamic = self._dynamic.setdefault(index, {})
+            wanted = set()
+            for entry in entries:
+                for key in self._allow_keys(index, entry):
+                    ident = (bytes(key), key.prefixlen)
+                    wanted.add(ident)
+                    if dynamic.get(ident) != entry.expires_ns:
+                        dynamic[ident] = entry.expires_ns
+                        if ident not in static:
+                            self._write_allow(key, entry.expires_ns, entry.rule)
+            for ident in dynamic.keys() - wanted:
+                del dynamic[ident]
+                if ident not in static:
+                    self._delete_allow(self._allow.Key.from_buffer_copy(ident[0]))
+
     def remove_dns_entries(self, index: int, now_ns: int, keep: Callable[[str, int, int], bool]) -> int:
         """Delete expired DNS entries of the workload unless `keep(address, protocol, port)`
         (an established socket still uses it). Returns how many went."""
