@@ -64,10 +64,10 @@ def workload_entry(name: str, rules: str, *, on_violation: str = "deny", mode: s
 
 
 class AgentProcess(ChildProcess):
-    def __init__(self, tmp: Path, policy_text: str, workloads: list[str]) -> None:
+    def __init__(self, tmp: Path, policy_text: str, workloads: list[str], events_file: Path | None = None) -> None:
         self.tmp = tmp
         self.policy = write_policy(tmp / "policy.yaml", policy_text)
-        self.events_file = tmp / "events.jsonl"
+        self.events_file = events_file or tmp / "events.jsonl"
         self.state_dir = tmp / "state"
         self.log = tmp / "agent.log"
         self.workloads = workloads

@@ -1,4 +1,5 @@
 import os
+from pathlib import Path
 
 import pytest
 
@@ -38,14 +39,15 @@ def lab():
 @pytest.fixture
 def start_agent(tmp_path):
     """start_agent(policy_text, workloads=[names], agent_args=[more `warden agent` options],
-    **AgentProcess.start options) -> a started AgentProcess, cleaned up after."""
+    events_file=PATH, **AgentProcess.start options) -> a started AgentProcess, cleaned up after."""
     started: list[AgentProcess] = []
 
-    def start(policy_text: str, workloads: list[str], agent_args: list[str] = (), **options) -> AgentProcess:
+    def start(policy_text: str, workloads: list[str], agent_args: list[str] = (), events_file: Path | None = None,
+              **options) -> AgentProcess:
         # A second agent of the same test gets a directory of its own (policy, events, state).
         home = tmp_path / f"agent-{len(started)}" if started else tmp_path
         home.mkdir(exist_ok=True)
-        agent = AgentProcess(home, policy_text, workloads)
+        agent = AgentProcess(home, policy_text, workloads, events_file)
         agent.agent_args = list(agent_args)
         started.append(agent)
         agent.start(**options)

@@ -3,6 +3,7 @@ in order: the spool first, then the log file. Publishing is serialised, so every
 sees events in seq order, whichever thread (kernel loop, API call) publishes."""
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import Counter
@@ -14,6 +15,7 @@ from agent.events.model import Event
 from agent.events.sequence import SequenceAllocator
 
 Sink = Callable[[Event], None]
+log = logging.getLogger("egress_warden")
 
 
 class EventBus:
@@ -44,10 +46,22 @@ class EventBus:
 
 
 class JsonLinesSink:
-    """One JSON object per line, flushed per event so a reader never waits on a buffer."""
+    """One JSON object per line, flushed per event so a reader never waits on a buffer. A write
+    that fails (a full disk, a reader's pipe closed) loses the line here only: the spool, the
+    sink before this one, holds the event, and the agent must go on to act on it."""
 
     def __init__(self, output: LinesOutput) -> None:
         self._output = output
+        self._failed = 0  # events not written since the last that was
 
     def __call__(self, event: Event) -> None:
-        self._output.write(event.to_json() + "\n")
+        try:
+            self._output.write(event.to_json() + "\n")
+        except OSError as e:
+            if not self._failed:
+                log.error("events file: cannot write (%s); every event is still in the spool (`warden events`)", e)
+            self._failed += 1
+            return
+        if self._failed:
+            log.warning("events file: writing again; %d event(s) before this one are in the spool only", self._failed)
+            self._failed = 0
