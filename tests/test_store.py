@@ -173,6 +173,9 @@ def test_store_urls():
     assert "s3cret" not in redact("host=db password=s3cret dbname=e")
     with pytest.raises(ValueError, match="use a file path, sqlite:PATH or postgresql://"):
         open_store("mysql://db/events")
+    with pytest.raises(psycopg.ProgrammingError, match="must be percent-encoded") as unreadable:
+        open_store("postgresql://ew:hunter%zz2@127.0.0.1:1/events")  # psycopg's own message quotes it
+    assert "hunter" not in str(unreadable.value)
 
 
 def test_since_is_a_seq_or_a_duration():

@@ -43,6 +43,11 @@ class PostgresStore:
             return psycopg.connect(self._url, connect_timeout=10)
         except psycopg.OperationalError as error:
             raise psycopg.OperationalError(f"{self.description}: {str(error).strip()}") from None
+        except psycopg.ProgrammingError:
+            # Its message quotes the URL's bad part, which may be the password.
+            raise psycopg.ProgrammingError(
+                f"{self.description}: the store URL cannot be read; a user or password holding % @ : / "
+                "must be percent-encoded (%25 %40 %3A %2F)") from None
 
     def _migrate(self, apply: bool) -> list[int]:
         with self._connect() as conn, conn.cursor() as cursor:
