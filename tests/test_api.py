@@ -207,6 +207,21 @@ def take_some(api, since: int, count: int, batched: bool = False) -> list[int]:
     return got
 
 
+def test_a_resume_from_beyond_what_the_agent_ever_published_is_refused_not_answered_with_nothing(
+        lab, start_agent, names):
+    """As a collector sees an agent whose state directory was wiped: the seqs it stored are
+    beyond all the agent has, and the agent's new events would take seqs already stored."""
+    wl = names[0]
+    agent = start_agent(policy(wl), [wl])
+    newest = settle(agent)[-1]["seq"]
+    with unix_stub(agent) as api:
+        assert read_all(api, since_seq=newest) == []  # caught up: nothing yet, no error
+        with pytest.raises(grpc.RpcError) as beyond:
+            read_all(api, since_seq=newest + 5000)
+    assert beyond.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "another --agent-id" in beyond.value.details()
+
+
 def test_resume_across_an_agent_killed_and_restarted(lab, start_agent, names):
     wl = names[0]
     agent = start_agent(policy(wl), [wl])
