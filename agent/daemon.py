@@ -43,6 +43,7 @@ _PROTOCOL_NAMES = {socket.IPPROTO_TCP: "tcp", socket.IPPROTO_UDP: "udp", socket.
 _HOOK_NAMES = {Kind.CONNECT: "connect", Kind.SENDMSG: "sendmsg", Kind.SOCK_CREATE: "sock_create",
                Kind.BACKSTOP: "egress"}
 _LOST_CHECK_SECONDS = 1.0
+_ESCAPE_SWEEPS = 10  # each returns what the ones before it forked meanwhile
 _ACCOUNTING_SECONDS = 1.0
 # Violations an operator's on_violation hook hears about: refusals in enforce mode.
 _VIOLATION_KINDS = {EventKind.EGRESS_DENIED, EventKind.CGROUP_ESCAPE, EventKind.SOCKET_DESTROYED}
@@ -577,20 +578,45 @@ class Agent:
 
     def _on_escape(self, running: RunningWorkload, pid: int, destination: Path, writer: dict) -> None:
         enforcing = running.spec.mode == "enforce"
-        returned = False
+        returned: list[int] = []
+        forked: list[int] = []
         if enforcing:
-            try:
-                self._joined_by_agent[pid] = "returned by the agent after a cgroup escape"
-                cgroups.move_pid(running.cgroup, pid)
-                returned = True
-            except (FileNotFoundError, ProcessLookupError, OSError):
-                pass
+            returned = self._return_to_workload(running, [pid])
+            forked = self._return_forked_outside(running, destination, pid)
         event = self._publish(Event(
             EventKind.CGROUP_ESCAPE, workload=running.spec.name, process=describe_process(pid),
             verdict="deny" if enforcing else "allow",
-            detail={"to_cgroup": str(destination), "writer": writer, "returned_to_workload": returned}))
+            detail={"to_cgroup": str(destination), "writer": writer, "returned_to_workload": bool(returned),
+                    "forked_there_and_returned": forked}))
         if enforcing:
             self._respond(running, event)
+
+    def _return_to_workload(self, running: RunningWorkload, pids: list[int]) -> list[int]:
+        returned = []
+        for pid in pids:
+            try:
+                self._joined_by_agent[pid] = "returned by the agent after a cgroup escape"
+                cgroups.move_pid(running.cgroup, pid)
+                returned.append(pid)
+            except OSError:  # gone meanwhile, or the cgroup refuses it
+                self._joined_by_agent.pop(pid, None)
+        return returned
+
+    def _return_forked_outside(self, running: RunningWorkload, destination: Path, escaped: int) -> list[int]:
+        """What the escaped process forked before it was returned runs outside every program
+        of the workload; the kernel counts it a member (the fork tracepoint), so it is found
+        among the destination's processes and returned too, until none is left there."""
+        returned: list[int] = []
+        for _ in range(_ESCAPE_SWEEPS):
+            try:
+                there = [int(p) for p in (destination / "cgroup.procs").read_text().split()]
+            except OSError:
+                break  # removed meanwhile: nothing runs there
+            found = [p for p in there if p != escaped and self.kernel.member_of(p) == running.index]
+            if not found:
+                break
+            returned += self._return_to_workload(running, found)
+        return returned
 
     # --- actions ------------------------------------------------------------------------
 

@@ -928,11 +928,18 @@ int ew_fold(struct __sk_buff *skb) {
     return 0;
 }
 
-// Membership by tgid lets cgroup_attach_task tell a workload process leaving its cgroup.
+// Membership by tgid lets cgroup_attach_task tell a workload process leaving its cgroup. What
+// an escaped member forks is a member too (it is the workload's, wherever it runs), so the
+// agent can bring back what the escaped process forked before it was returned.
 TRACEPOINT_PROBE(sched, sched_process_fork) {
     u32 wl;
-    if (!workload_of_current(&wl))
-        return 0;
+    if (!workload_of_current(&wl)) {
+        u32 parent = bpf_get_current_pid_tgid() >> 32;
+        u32 *member = members.lookup(&parent);
+        if (!member)
+            return 0;
+        wl = *member;
+    }
     u32 child = args->child_pid;
     members.update(&child, &wl);
     return 0;

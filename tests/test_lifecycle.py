@@ -584,6 +584,24 @@ def test_leaving_the_cgroup_is_an_escape(lab, start_agent, names, on_violation):
         router.kill()
 
 
+def test_what_an_escaped_process_forks_before_it_is_returned_is_returned_too(lab, start_agent, names):
+    wl = names[0]
+    attacker = lab.serve(Lab.ATTACKER4, 443)
+    agent = start_agent(allow_provider(wl), [wl])
+    root_procs = cgroups.cgroup2_root() / "cgroup.procs"
+    agent.process.send_signal(signal.SIGSTOP)  # so that the fork surely comes before the return
+    try:
+        router = start_router(lab, agent.router_cmd(wl, "escape-fork", Lab.ATTACKER4, "443", str(root_procs)))
+        forked = read_json(router)
+        assert str(forked["child"]) in root_procs.read_text().split()  # outside every program
+    finally:
+        agent.process.send_signal(signal.SIGCONT)
+    escape = agent.wait_for(lambda e: e["kind"] == "cgroup_escape")
+    assert escape["detail"]["forked_there_and_returned"] == [forked["child"]]
+    child = read_json(router)
+    assert child["errno"] == EPERM and attacker.received_bytes() == 0
+
+
 def test_ring_buffer_overrun_is_reported(lab, start_agent, names):
     wl = names[0]
     agent = start_agent(allow_provider(wl), [wl])

@@ -234,6 +234,11 @@ class KernelPrograms:
         if key in table:
             del table[key]
 
+    def member_of(self, pid: int) -> int | None:
+        """The workload index the kernel counts `pid` a member of, if any."""
+        value = self._bpf[b"members"].get(ctypes.c_uint32(pid))
+        return None if value is None else value.value
+
     def add_members(self, index: int, pids: Iterable[int]) -> None:
         table = self._bpf[b"members"]
         for pid in pids:

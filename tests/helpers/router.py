@@ -147,6 +147,19 @@ def escape(procs_file: str) -> None:
     time.sleep(30)
 
 
+def escape_fork(procs_file: str, host: str, port: int) -> None:
+    """Leave the workload's cgroup and fork; the child tries `host` two seconds later. Both report."""
+    with open(procs_file, "w") as f:
+        f.write(str(os.getpid()))
+    child = os.fork()
+    if child == 0:
+        time.sleep(2.0)
+        report(child=os.getpid(), **tcp(host, port, 1, family_of(host)))
+        os._exit(0)
+    report(escaped=True, child=child)
+    os.waitpid(child, 0)
+
+
 def attempts() -> None:
     for line in sys.stdin:
         kind, host, port = line.split()
@@ -238,6 +251,9 @@ def main() -> None:
         return
     if a.action == "escape":
         escape(a.host)
+        return
+    if a.action == "escape-fork":
+        escape_fork(a.name, a.host, a.port)
         return
     if a.action == "attempts":
         attempts()
