@@ -432,29 +432,44 @@ class Agent:
 
     def _cut_disallowed_sockets(self, running: RunningWorkload, pid: int) -> None:
         """Sockets opened before adoption belong to the old cgroup: no hook of the workload
-        sees them, so established ones to destinations not allowed are destroyed."""
+        sees them. Established TCP ones to destinations not allowed are destroyed. A UDP socket
+        cannot be (SOCK_DESTROY only fails its next send; the one after goes out), so one that
+        may send where the policy does not allow (unconnected, or connected there) is reported
+        as the unguarded way out it is."""
         spec = running.spec
         try:
             held = process_sockets(pid)
         except FileNotFoundError:
             return
         for sock in held:
-            if not sock.connected or (sock.local_port in spec.listen and sock.protocol_name == "tcp"):
+            tcp = sock.protocol_name == "tcp"
+            if (tcp and not sock.connected) or (tcp and sock.local_port in spec.listen):
                 continue
-            if destination_allowed(spec, sock.remote_ip, sock.remote_port, sock.protocol_name):
+            if sock.connected and destination_allowed(spec, sock.remote_ip, sock.remote_port, sock.protocol_name):
                 continue
-            enforcing = spec.mode == "enforce"
-            if enforcing:
-                try:
-                    destroy_socket(pid, sock)
-                except (FileNotFoundError, ProcessLookupError):
-                    continue  # the socket or its process went meanwhile: nothing is left to cut
-            self._publish(Event(
-                EventKind.SOCKET_DESTROYED if enforcing else EventKind.EGRESS_OBSERVED,
-                workload=spec.name, process=describe_process(pid),
-                destination=self._socket_destination(sock), verdict="deny" if enforcing else "allow",
-                action="socket_destroyed" if enforcing else None,
-                detail={"reason": "established before the process was adopted; destination not allowed"}))
+            if tcp:
+                self._destroy_held_socket(running, pid, sock)
+            else:
+                self._publish(Event(
+                    EventKind.EGRESS_OBSERVED, workload=spec.name, process=describe_process(pid),
+                    destination=self._socket_destination(sock) if sock.connected else None, verdict="allow",
+                    detail={"reason": "a UDP socket opened before the process was adopted: outside the workload's "
+                                      "programs for its life, and SOCK_DESTROY does not stop one",
+                            "local": f"{sock.local_ip}:{sock.local_port}", "connected": sock.connected}))
+
+    def _destroy_held_socket(self, running: RunningWorkload, pid: int, sock: InetSocket) -> None:
+        enforcing = running.spec.mode == "enforce"
+        if enforcing:
+            try:
+                destroy_socket(pid, sock)
+            except (FileNotFoundError, ProcessLookupError):
+                return  # the socket or its process went meanwhile: nothing is left to cut
+        self._publish(Event(
+            EventKind.SOCKET_DESTROYED if enforcing else EventKind.EGRESS_OBSERVED,
+            workload=running.spec.name, process=describe_process(pid),
+            destination=self._socket_destination(sock), verdict="deny" if enforcing else "allow",
+            action="socket_destroyed" if enforcing else None,
+            detail={"reason": "established before the process was adopted; destination not allowed"}))
 
     @staticmethod
     def _socket_destination(sock: InetSocket) -> Destination:

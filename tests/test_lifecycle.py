@@ -112,6 +112,22 @@ def test_socket_opened_before_the_agent_started_carries_nothing(lab, start_agent
     assert attacker.received_bytes() == 0
 
 
+def test_an_adopted_process_s_udp_socket_is_reported_as_the_way_out_it_stays(lab, start_agent, names):
+    """SOCK_DESTROY only fails a UDP socket's next send: the agent says what it cannot stop
+    rather than report it destroyed."""
+    wl = names[0]
+    tag = unique_name("adoptme")
+    lab.serve(Lab.ATTACKER4, 443, "udp")
+    router = start_router(lab, [sys.executable, ROUTER, "hold", Lab.ATTACKER4, "443", "--udp", "--tag", tag])
+    assert read_json(router)["connected"]
+    agent = start_agent(allow_provider(wl, match=f"{{cmdline: ['{tag}']}}"), [wl])
+    kept = agent.wait_for(lambda e: e["kind"] == "egress_observed" and e["process"]["pid"] == router.pid)
+    assert "UDP socket opened before the process was adopted" in kept["detail"]["reason"]
+    assert kept["destination"]["ip"] == Lab.ATTACKER4 and kept["verdict"] == "allow"
+    assert not [e for e in agent.events() if e["kind"] == "socket_destroyed"]
+    router.kill()
+
+
 def test_adopted_process_loses_its_disallowed_sockets(lab, start_agent, names):
     wl = names[0]
     tag = unique_name("adoptme")
