@@ -690,7 +690,15 @@ class Agent:
         self._save_quarantines()
 
     def _save_quarantines(self) -> None:
-        self._quarantines.save({w.spec.name: w.quarantined_since for w in self.workloads.values() if w.quarantined})
+        """A save that fails (a full or read-only disk) is said, not raised: the quarantine holds
+        in this agent all the same, only a restart would not know it; raised, it would stop the
+        freeze and its evidence."""
+        try:
+            self._quarantines.save({w.spec.name: w.quarantined_since
+                                    for w in self.workloads.values() if w.quarantined})
+        except OSError as e:
+            log.error("cannot save the quarantines to %s (%s): they hold until this agent stops, but a "
+                      "restarted agent would not know them", self._quarantines.path, e)
 
     def release(self, name: str) -> Event:
         with self._lock:
