@@ -416,19 +416,32 @@ class Agent:
                 return
 
     def _adopt(self, running: RunningWorkload, pid: int) -> None:
+        if not self._adopt_one(running, pid, "matched the workload's match.exe/match.cmdline"):
+            return
+        # What it started before the move (a worker it forked, a curl it ran) is the router's
+        # too, though it may match nothing; what it forks from now on starts inside.
+        try:
+            children = [child.pid for child in psutil.Process(pid).children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return
+        for child in children:
+            self._adopt_one(running, child, f"started by {pid}, which matched the workload's match")
+
+    def _adopt_one(self, running: RunningWorkload, pid: int, reason: str) -> bool:
         try:
             # In another workload already (`warden run`, its unit): moving it would be an escape
             # from that one, and its violation action.
             current = cgroups.cgroup_of_pid(pid, self._cgroup_root)
             if any(w.contains(current) for w in self.workloads.values()):
-                return
-            self._joined_by_agent[pid] = "matched the workload's match.exe/match.cmdline"
+                return False
+            self._joined_by_agent[pid] = reason
             cgroups.move_pid(running.cgroup, pid)
         except (FileNotFoundError, ProcessLookupError):
-            return  # exited meanwhile
+            return False  # exited meanwhile
         self.kernel.add_members(running.index, [pid])
         self._open_dns_for(running, [pid])
         self._cut_disallowed_sockets(running, pid)
+        return True
 
     def _cut_disallowed_sockets(self, running: RunningWorkload, pid: int) -> None:
         """Sockets opened before adoption belong to the old cgroup: no hook of the workload

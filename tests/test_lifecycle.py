@@ -128,6 +128,23 @@ def test_an_adopted_process_s_udp_socket_is_reported_as_the_way_out_it_stays(lab
     router.kill()
 
 
+def test_what_an_adopted_process_started_before_comes_with_it(lab, start_agent, names):
+    wl = names[0]
+    tag = unique_name("adoptme")
+    lab.serve(Lab.PROVIDER4, 443)
+    # The child (a sleep here, a curl in life) matches nothing itself.
+    router = start_router(lab, ["sh", "-c", 'sleep 60 & exec "$0" "$@"', sys.executable, ROUTER, "hold",
+                                Lab.PROVIDER4, "443", "--tag", tag])
+    assert read_json(router)["connected"]
+    [child] = psutil.Process(router.pid).children()
+    agent = start_agent(allow_provider(wl, match=f"{{cmdline: ['{tag}']}}"), [wl])
+    joined = agent.wait_for(lambda e: e["kind"] == "process_joined" and e["process"]["pid"] == child.pid)
+    assert joined["detail"]["reason"] == f"started by {router.pid}, which matched the workload's match"
+    assert {router.pid, child.pid} <= set(cgroups.pids(agent.cgroup(wl)))
+    child.kill()
+    router.kill()
+
+
 def test_adopted_process_loses_its_disallowed_sockets(lab, start_agent, names):
     wl = names[0]
     tag = unique_name("adoptme")
