@@ -356,8 +356,10 @@ class Agent:
         """Keep the workload on its unit's cgroup as it is now. systemd removes a unit's cgroup
         when the unit stops and makes a new one at the same path when it starts again; the
         programs and the binding went with the old one. True if it changed."""
-        unit = running.spec.match.systemd_unit
-        found = running.unit_cgroup if not search else cgroups.find_unit_cgroup(unit, self._cgroup_root) if unit else None
+        found = running.unit_cgroup
+        if search:
+            unit = running.spec.match.systemd_unit
+            found = cgroups.find_unit_cgroup(unit, self._cgroup_root) if unit else None
         found_id = _cgroup_id_if_exists(found)
         if found_id == running.unit_cgroup_id and found == running.unit_cgroup:
             return False
@@ -456,7 +458,7 @@ class Agent:
             return
         for sock in held:
             tcp = sock.protocol_name == "tcp"
-            if (tcp and not sock.connected) or (tcp and sock.local_port in spec.listen):
+            if tcp and (not sock.connected or sock.local_port in spec.listen):
                 continue
             if sock.connected and destination_allowed(spec, sock.remote_ip, sock.remote_port, sock.protocol_name):
                 continue

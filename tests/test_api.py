@@ -13,6 +13,7 @@ import pytest
 
 from agent.events.redact import MAX_CMDLINE_CHARS
 from agentproc import workload_policy, write_policy
+from fulldisk import fill, small_filesystem
 from apiclient import flood, free_port, pb, read_all, read_batches, tls_stub, unix_stub, settle
 from certs import Authority
 from agent.lab.network import Lab
@@ -318,16 +319,10 @@ def test_a_router_with_a_huge_command_line_cannot_stop_a_subscriber(lab, start_a
 
 def test_a_full_events_file_disk_stops_no_kill_and_the_spool_keeps_every_event(lab, start_agent, names, tmp_path):
     wl = names[0]
-    small = tmp_path / "small"
-    small.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(small)], check=True)
-    try:
+    with small_filesystem(tmp_path / "small", "256k") as small:
         agent = start_agent(policy(wl, on_violation="kill"), [wl], events_file=small / "events.jsonl")
-        # The disk full, and the last page of the events file too.
-        for path, chunk in ((small / "filler", b"\0" * 4096), (agent.events_file, b"\n")):
-            with open(path, "ab", buffering=0) as filler, pytest.raises(OSError):
-                while True:
-                    filler.write(chunk)
+        fill(small / "filler")
+        fill(agent.events_file, b"\n")  # the last page of the events file too
         router = lab.run_in_router(agent.router_cmd(wl, "tcp", Lab.ATTACKER4, "443"), stdout=-1, stderr=-1)
         assert router.wait(timeout=10) == -9
         with unix_stub(agent) as api:
@@ -337,8 +332,6 @@ def test_a_full_events_file_disk_stops_no_kill_and_the_spool_keeps_every_event(l
                 time.sleep(0.1)
         assert "events file: cannot write" in agent.log.read_text()
         agent.stop()
-    finally:
-        subprocess.run(["umount", "-l", str(small)], check=True)
 
 
 def test_the_events_file_rotates_by_size_and_the_spool_keeps_every_event(lab, start_agent, names):

@@ -20,6 +20,7 @@ from agent.daemon import Agent
 from agent.events import EventBus, JsonLinesSink
 from agent.events.lines import LinesOutput
 from agent.kernel.loader import KernelPrograms, attached_warden_programs, remove_pins
+from fulldisk import fill, small_filesystem
 from agentproc import (REPO, ROUTER, WARDEN, complete_lines, outcome, policy_of, unique_name, workload_entry,
                        workload_policy, write_policy)
 from agent.lab.network import Lab
@@ -290,14 +291,9 @@ def test_a_bug_in_a_record_handler_stops_the_agent_rather_than_losing_the_record
 
 def test_a_full_state_disk_does_not_stop_a_quarantine(lab, start_agent, names, tmp_path):
     wl = names[0]
-    state = tmp_path / "small-state"
-    state.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", str(state)], check=True)
-    try:
+    with small_filesystem(tmp_path / "small-state", "1m") as state:
         agent = start_agent(allow_provider(wl, on_violation="quarantine"), [wl], agent_args=["--state-dir", str(state)])
-        with open(state / "filler", "wb", buffering=0) as filler, pytest.raises(OSError):
-            while True:
-                filler.write(b"\0" * 4096)
+        fill(state / "filler")
         router = start_router(lab, agent.router_cmd(wl, "probe", Lab.ATTACKER4, "443", "--seconds", "10"))
         quarantine = agent.wait_for(lambda e: e["kind"] == "action_quarantine")
         assert router.pid in quarantine["detail"]["frozen_pids"] and cgroups.is_frozen(agent.cgroup(wl))
@@ -305,8 +301,6 @@ def test_a_full_state_disk_does_not_stop_a_quarantine(lab, start_agent, names, t
         router.kill()
         (state / "filler").unlink()  # the spool, which waits for room to write every event, can stop
         assert agent.stop() == 0
-    finally:
-        subprocess.run(["umount", "-l", str(state)], check=True)
 
 
 def test_quarantine_freezes_keeps_evidence_and_release_restores(lab, in_process_agent, names):
