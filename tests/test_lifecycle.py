@@ -16,6 +16,7 @@ import pytest
 
 from agent import cgroups
 from agent.actions import MAX_LISTED
+from agent.events.spool import CLOSE_GIVES_UP_SECONDS
 from agent.daemon import Agent
 from agent.events import EventBus, JsonLinesSink
 from agent.events.lines import LinesOutput
@@ -300,6 +301,27 @@ def test_a_full_state_disk_does_not_stop_a_quarantine(lab, start_agent, names, t
         assert "cannot save the quarantines" in agent.log.read_text()
         router.kill()
         (state / "filler").unlink()  # the spool, which waits for room to write every event, can stop
+        assert agent.stop() == 0
+
+
+def test_a_stop_on_a_full_state_disk_ends_and_the_next_start_reports_what_the_spool_lost(lab, start_agent, names,
+                                                                                          tmp_path):
+    wl = names[0]
+    with small_filesystem(tmp_path / "small-state", "1m") as state:
+        agent = start_agent(allow_provider(wl), [wl], agent_args=["--state-dir", str(state)])
+        fill(state / "filler")
+        denied = outcome(lab.run_in_router(agent.router_cmd(wl, "tcp", Lab.ATTACKER4, "443"), stdout=-1, stderr=-1,
+                                           text=True))
+        assert denied["errno"] == EPERM
+        unwritten = agent.wait_for(lambda e: e["kind"] == "egress_denied")["seq"]  # in the events file only
+        agent.process.terminate()
+        assert agent.process.wait(timeout=CLOSE_GIVES_UP_SECONDS + 10) == 0
+        assert "the next start reports them as a gap" in agent.log.read_text()
+        (state / "filler").unlink()
+        before = len(agent.events())
+        agent.start()
+        gap = agent.wait_for(lambda e: e["kind"] == "events_lost", after=before)["detail"]
+        assert gap["first_seq"] <= unwritten <= gap["last_seq"]
         assert agent.stop() == 0
 
 

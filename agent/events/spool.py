@@ -33,6 +33,9 @@ _QUEUE = 65536
 _PRUNE_EVERY_SECONDS = 1.0
 _RETRY_SECONDS = 1.0
 _PRUNE_TO = 0.9  # a size prune frees down to this share of max_bytes, so it runs seldom
+# A stop waits this long for a failing disk; then what is still queued stays unwritten, and the
+# next start reports its seqs as a gap (a stop that never ends is killed by systemd anyway).
+CLOSE_GIVES_UP_SECONDS = 10.0
 _STOP = None
 
 _SCHEMA = """
@@ -113,6 +116,8 @@ class Spool:
         self._queue: queue.Queue = queue.Queue(maxsize=_QUEUE)
         self._changed = threading.Condition()
         self._closed = False
+        self._give_up_at: float | None = None  # set by close()
+        self._gave_up = False
         db = _connect(self.path)
         db.executescript(_SCHEMA)
         self._high = self._meta(db, "high_seq")
@@ -168,8 +173,8 @@ class Spool:
                     break
             stopping = bool(batch) and batch[-1] is _STOP
             rows = batch[:-1] if stopping else batch
-            if rows:
-                self._commit_until_it_works(rows)
+            if rows and not self._commit_until_it_works(rows):
+                return
             if time.monotonic() >= next_prune or self._bytes > self.max_bytes:
                 next_prune = time.monotonic() + _PRUNE_EVERY_SECONDS
                 try:
@@ -180,23 +185,29 @@ class Spool:
             if stopping:
                 return
 
-    def _commit_until_it_works(self, rows: list[tuple]) -> None:
+    def _commit_until_it_works(self, rows: list[tuple]) -> bool:
         """A full or failing disk must not lose events: the batch is retried, and meanwhile
         the bounded queue fills and holds the agent's event loop back (the kernel keeps
-        enforcing; what its ring buffer cannot hold is counted and reported as events_lost)."""
+        enforcing; what its ring buffer cannot hold is counted and reported as events_lost).
+        False once a stop has waited CLOSE_GIVES_UP_SECONDS for it."""
         failures = 0
         while True:
             try:
                 self._commit(rows)
                 if failures:
                     log.warning("spool %s: writing again after %d failed attempt(s)", self.path, failures)
-                return
+                return True
             except sqlite3.Error as e:
                 self._rollback()
                 if not failures:
                     log.error("spool %s: cannot write events (%s); retrying every %.0f s", self.path, e,
                               _RETRY_SECONDS)
                 failures += 1
+                if self._give_up_at is not None and time.monotonic() >= self._give_up_at:
+                    self._gave_up = True
+                    log.error("spool %s: stopping with seqs %d-%d and what followed them unwritten (%s); "
+                              "the next start reports them as a gap", self.path, rows[0][0], rows[-1][0], e)
+                    return False
                 time.sleep(_RETRY_SECONDS)
 
     def _rollback(self) -> None:
@@ -257,10 +268,18 @@ class Spool:
         return 0
 
     def close(self) -> None:
-        """Write everything queued, then mark the stop as clean."""
-        self._queue.put(_STOP)
+        """Write everything queued, then mark the stop as clean; on a disk that keeps failing,
+        give up after CLOSE_GIVES_UP_SECONDS, unmarked."""
+        self._give_up_at = time.monotonic() + CLOSE_GIVES_UP_SECONDS
+        while self._writer.is_alive():  # a full queue behind a failing disk takes no more until it gives up
+            try:
+                self._queue.put(_STOP, timeout=0.5)
+                break
+            except queue.Full:
+                continue
         self._writer.join()
-        self._writer_db.execute("INSERT OR REPLACE INTO meta VALUES ('clean_close', ?)", (self._high,))
+        if not self._gave_up:
+            self._writer_db.execute("INSERT OR REPLACE INTO meta VALUES ('clean_close', ?)", (self._high,))
         self._writer_db.close()
         with self._changed:
             self._closed = True
