@@ -20,6 +20,7 @@ from typing import Any
 import psutil
 
 from agent import actions, cgroups
+from agent.cgroups.launch import launched_into
 from agent.dns.names import NameMatcher
 from agent.dns.proxy import DnsProxy, WorkloadDns, parse_upstreams
 from agent.dns.remembered import RememberedAnswers
@@ -406,8 +407,8 @@ class Agent:
             self._maybe_adopt(proc.info["pid"], proc.info["exe"], proc.info["cmdline"])
 
     def _maybe_adopt(self, pid: int, exe: str | None, cmdline: list[str] | None) -> None:
-        if pid in self._never_adopt or not exe:
-            return
+        if pid in self._never_adopt or not exe or launched_into(cmdline or []) in self.workloads:
+            return  # a `warden run` launcher joins its own workload a moment later
         joined = " ".join(cmdline or ())
         # A venv's python is a link to the base interpreter, which is what /proc/PID/exe
         # names; the path it was started by (argv[0]) is what an exe glob is written for.

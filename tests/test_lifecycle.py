@@ -462,6 +462,25 @@ def test_a_match_never_takes_a_process_of_another_workload(lab, start_agent, nam
     router.kill()
 
 
+def test_warden_run_into_one_workload_is_not_adopted_by_another_whose_match_its_command_fits(lab, start_agent,
+                                                                                             names):
+    """The launcher's own command line names COMMAND; it execs before it joins its workload."""
+    started, matching = names[0], names[1]
+    tag = unique_name("both")
+    rules = f"{{cidr: {Lab.PROVIDER4}/32, ports: [443], protocol: tcp}}"
+    agent = start_agent(policy_of(workload_entry(started, rules, on_violation="kill"),
+                                  workload_entry(matching, rules, on_violation="kill",
+                                                 match=f"{{cmdline: ['{tag}']}}")), [started, matching])
+    lab.serve(Lab.PROVIDER4, 443)
+    router = start_router(lab, [*WARDEN, "run", started, "--", sys.executable, ROUTER, "hold", Lab.PROVIDER4, "443",
+                                "--tag", tag], cwd=REPO)
+    assert read_json(router)["connected"]
+    time.sleep(0.3)
+    assert router.poll() is None and router.pid in cgroups.pids(agent.cgroup(started))
+    assert not [e["kind"] for e in agent.events() if e["kind"] in ("cgroup_escape", "action_kill")]
+    router.kill()
+
+
 def test_a_restarted_unit_is_guarded_again_and_a_stopped_one_breaks_no_reload(lab, start_agent, names, unit_cgroup):
     """systemd removes a unit's cgroup when the unit stops, and makes a new one (a new id at
     the same path) when it starts again: the programs went with the old one."""

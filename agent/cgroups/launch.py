@@ -26,6 +26,29 @@ _PR_CAP_AMBIENT_CLEAR_ALL = 4
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
 
 _libc = ctypes.CDLL(None, use_errno=True)
+_RUN_OPTIONS_WITH_VALUE = {"--user"}  # `warden run`'s options that take the next argument
+
+
+def launched_into(cmdline: list[str]) -> str | None:
+    """The workload a `warden run` launcher is about to join, read from its command line (it
+    names its COMMAND too, which another workload's match.cmdline may fit); None for any other
+    process."""
+    for at, arg in enumerate(cmdline[:-1]):
+        if arg == "run" and _is_warden(cmdline[:at]):
+            rest = iter(cmdline[at + 1:])
+            for option in rest:
+                if option in _RUN_OPTIONS_WITH_VALUE:
+                    next(rest, None)
+                elif not option.startswith("--"):
+                    return option
+            return None
+    return None
+
+
+def _is_warden(argv: list[str]) -> bool:
+    """Whether `argv` (what comes before `run`) ends in the warden CLI: its console script, or
+    `python -m agent.cli`."""
+    return bool(argv) and Path(argv[-1]).name == "warden" or argv[-2:] == ["-m", "agent.cli"]
 
 
 class LaunchError(RuntimeError):
