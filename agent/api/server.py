@@ -156,10 +156,11 @@ class AgentService(pb_grpc.AgentServicer):
         at its start (a resume from before the oldest event held) or while it runs (a slow
         subscriber the bound overtook)."""
         filters = Filters(tuple(request.workloads), tuple(request.kinds), request.pid)
-        if request.since_seq > max(self.spool.committed, self.bus.first_seq - 1):
+        handed_out = max(self.spool.committed, self.bus.first_seq - 1)  # seqs below first_seq: earlier runs'
+        if request.since_seq > handed_out:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                           f"asked for events after seq {request.since_seq}, but this agent ({self.bus.agent_id}) has "
-                          f"handed out none beyond {max(self.spool.committed, self.bus.first_seq - 1)}. A collector "
+                          f"handed out none beyond {handed_out}. A collector "
                           "that stored more of this agent id saw another history: this agent's state directory was "
                           "reset (a re-imaged host?) and its seqs began again, so its new events would take seqs "
                           "already stored; start it with another --agent-id")
