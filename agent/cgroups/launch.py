@@ -48,7 +48,7 @@ def launched_into(cmdline: list[str]) -> str | None:
 def _is_warden(argv: list[str]) -> bool:
     """Whether `argv` (what comes before `run`) ends in the warden CLI: its console script, or
     `python -m agent.cli`."""
-    return bool(argv) and Path(argv[-1]).name == "warden" or argv[-2:] == ["-m", "agent.cli"]
+    return (bool(argv) and Path(argv[-1]).name == "warden") or argv[-2:] == ["-m", "agent.cli"]
 
 
 class LaunchError(RuntimeError):
